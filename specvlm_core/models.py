@@ -1,0 +1,188 @@
+"""Loading target VLMs and turning (media, prompt) into model inputs.
+
+One code path for the embedded tiny Qwen2-VL and for real checkpoints on the Hub
+(`llava-hf/llava-1.5-7b-hf`, `llava-hf/llava-onevision-qwen2-0.5b-ov-hf`,
+`Qwen/Qwen2-VL-2B-Instruct`, ...): AutoModelForImageTextToText + AutoProcessor, with
+`trust_remote_code` off unless asked for.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = str(ROOT / "assets" / "tiny-vlm")
+DEFAULT_DRAFT = str(ROOT / "assets" / "tiny-vlm-draft")
+
+# model_type -> family name used by the engine.
+FAMILIES = {
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_vl",  # same M-RoPE position scheme
+    "llava": "llava",
+    "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
+    "llava_next_video": "llava_next",
+}
+VIDEO_FAMILIES = {"qwen2_vl", "llava_onevision"}
+
+
+@dataclass
+class Target:
+    """A loaded target VLM: the model (eval mode, frozen), its processor and facts the
+    engine needs about it."""
+    model: torch.nn.Module
+    processor: object
+    name: str
+    family: str
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def text_config(self):
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def supports_video(self) -> bool:
+        return self.family in VIDEO_FAMILIES
+
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a turn: generation_config's, config's and the tokenizer's."""
+        ids = []
+        for src in (getattr(self.model, "generation_config", None), self.text_config, self.model.config):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if eos is None:
+                continue
+            ids.extend(eos if isinstance(eos, (list, tuple)) else [eos])
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.append(tok_eos)
+        return sorted(set(int(i) for i in ids))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was requested but no GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def load_target(name_or_path: str | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
+                load_in_4bit: bool = False, load_in_8bit: bool = False,
+                trust_remote_code: bool = False) -> Target:
+    """Load a VLM and its processor by Hub name or local folder.
+
+    dtype None picks float32 on CPU and bfloat16/float16 on GPU. Tree verification needs a
+    4D float mask, which the sdpa and eager attention paths accept, so flash attention is
+    not requested.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    name = name_or_path or DEFAULT_MODEL
+    dev = resolve_device(device)
+    if trust_remote_code:
+        log.warning("trust_remote_code is on: code from %s will run on this machine", name)
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model folder not found: {name}")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache: download it once with "
+                "network access, or pass a local folder") if offline else \
+            "check the name, your network, or pass a local folder"
+        raise ModelLoadError(f"cannot load model {name!r}: {hint}") from exc
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; supported families: "
+                             + ", ".join(sorted(set(FAMILIES))))
+    if dtype is None:
+        torch_dtype = torch.float32 if dev.type == "cpu" else (
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    else:
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    if load_in_4bit or load_in_8bit:
+        if dev.type != "cuda":
+            raise ModelLoadError("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); drop "
+                                 "--load-in-4bit/--load-in-8bit to run on the CPU")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+        kwargs["device_map"] = {"": dev.index or 0}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    if "quantization_config" not in kwargs:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return Target(model=model, processor=processor, name=name, family=family)
+
+
+def build_messages(prompt: str, media_kind: str | None) -> list[dict]:
+    content = []
+    if media_kind is not None:
+        content.append({"type": media_kind})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def prepare_inputs(target: Target, prompt: str, image=None, video=None) -> dict:
+    """Processor outputs for one chat turn, on the target's device.
+
+    image: an RGB PIL image; video: a list of RGB PIL frames. Returns the processor's
+    tensors: input_ids [1, S], attention_mask [1, S], and pixel values with grid sizes
+    (the exact keys depend on the family).
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty")
+    if video is not None and not target.supports_video:
+        raise InputError(f"{target.family} models do not take video; give an image instead")
+    kind = "image" if image is not None else ("video" if video is not None else None)
+    proc = target.processor
+    text = proc.apply_chat_template(build_messages(prompt, kind), add_generation_prompt=True, tokenize=False)
+    kwargs = {}
+    if image is not None:
+        kwargs["images"] = [image]
+    if video is not None:
+        kwargs["videos"] = [list(video)]
+        kwargs["do_sample_frames"] = False
+    batch = proc(text=[text], return_tensors="pt", **kwargs)
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(target.device)
+            if v.is_floating_point():
+                v = v.to(target.dtype)
+        out[k] = v
+    return out

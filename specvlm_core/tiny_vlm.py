@@ -1,0 +1,298 @@
+"""The embedded target model: a tiny Qwen2-VL trained on the generated world.
+
+Why Qwen2-VL: its vision tower turns every 2x2 group of patches into one visual token,
+so the token count grows with resolution (and with clip length, one token group per
+two frames) exactly as in the real family, while a 4-layer 128-wide ViT costs little on
+a CPU. Stock transformers loads it offline with AutoModelForImageTextToText and
+AutoProcessor; nothing here is needed at inference time.
+
+Sizes (see TINY_CONFIG): ViT 4x128 on 8 px patches (one visual token = 16x16 px),
+text decoder 8 layers x 256 wide, 4 heads / 2 KV heads, byte-level BPE of 1024 tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import world
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen-style chat template: media first, then the text, as the generator's chats are.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' or 'video' in item %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_CONFIG = dict(
+    vocab_size=1024,
+    vision=dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2, patch_size=8,
+                spatial_merge_size=2, temporal_patch_size=2),
+    text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+              rope_theta=10000.0, mrope_section=[8, 12, 12]),
+    image_pixels=(64 * 64, 224 * 224),  # min/max pixels: 16..196 visual tokens per image
+    video_pixels=(64 * 64, 96 * 96),  # per frame; 16..36 tokens per 2 frames
+)
+
+
+def build_tokenizer(vocab_size: int = 1024, n_texts: int = 6000):
+    """Byte-level BPE fitted on the generator's text: every world word is one or two
+    tokens, and any other text (emoji included) still encodes byte by byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(world.corpus_text(n_texts), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None, model_max_length=4096,
+        additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+def build_processor(tokenizer, cfg: dict = TINY_CONFIG):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    v = cfg["vision"]
+    common = dict(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                  temporal_patch_size=v["temporal_patch_size"])
+    image_processor = Qwen2VLImageProcessor(min_pixels=cfg["image_pixels"][0],
+                                            max_pixels=cfg["image_pixels"][1], **common)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=cfg["video_pixels"][0],
+                                            max_pixels=cfg["video_pixels"][1],
+                                            min_frames=2, max_frames=32,
+                                            cap_pixels_per_frame=False, **common)
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+
+
+def build_config(tokenizer, cfg: dict = TINY_CONFIG):
+    from transformers import Qwen2VLConfig
+    t, v = cfg["text"], cfg["vision"]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+        max_position_embeddings=t["max_position_embeddings"], rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"],
+                         "mrope_section": t["mrope_section"]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+    )
+    vision_config = dict(depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden_size"],
+                         num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"], patch_size=v["patch_size"],
+                         spatial_merge_size=v["spatial_merge_size"],
+                         temporal_patch_size=v["temporal_patch_size"])
+    return Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
+                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                         vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=ids["<|endoftext|>"])
+
+
+def chat_messages(sample_kind: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": sample_kind}, {"type": "text", "text": question}]}]
+
+
+def encode_batch(processor, samples, with_answers: bool = True):
+    """Processor outputs for a batch of world samples, with labels masked to answers.
+
+    Returns a dict of tensors: input_ids/attention_mask [B, S], labels [B, S] (-100
+    outside the answers), pixel_values / image_grid_thw or pixel_values_videos /
+    video_grid_thw. Sequences are right-padded.
+    """
+    tok = processor.tokenizer
+    prompts, images, videos = [], [], []
+    for s in samples:
+        prompt = processor.apply_chat_template(chat_messages(s.kind, s.question),
+                                               add_generation_prompt=True, tokenize=False)
+        if with_answers:
+            prompt = prompt + s.answer + "<|im_end|>"
+        prompts.append(prompt)
+        if s.kind == "image":
+            images.append(s.frames[0])
+        else:
+            videos.append(s.frames)
+    kwargs = {}
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+        kwargs["do_sample_frames"] = False
+    tok.padding_side = "right" if with_answers else "left"
+    batch = processor(text=prompts, padding=True, return_tensors="pt", **kwargs)
+    if with_answers:
+        labels = batch["input_ids"].clone()
+        start_ids = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        for b in range(labels.shape[0]):
+            ids = batch["input_ids"][b].tolist()
+            # The answer starts after the last "<|im_start|>assistant\n".
+            n = len(start_ids)
+            pos = max(i for i in range(len(ids) - n + 1) if ids[i:i + n] == start_ids) + n
+            labels[b, :pos] = -100
+        labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+    return batch
+
+
+# ------------------------------------------------------------------------- training
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
+                   batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+                   threads: int | None = None, log_every: int = 20, progress: bool = True,
+                   eval_scenes: int = 200, eval_clips: int = 100) -> dict:
+    """Train the embedded model from scratch on the generated world for a time budget.
+
+    Writes config, processor, tokenizer and safetensors weights to out_dir, then the
+    held-out quality metrics to out_dir/metrics.json. Returns the metrics dict.
+    """
+    from tqdm import tqdm
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    config = build_config(tokenizer)
+    model = Qwen2VLForConditionalGeneration(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    # Estimate the number of steps that fit the budget after a few steps, for the schedule.
+    est_total = max_steps
+    t0 = time.time()
+    budget = minutes * 60
+    log = []
+    model.train()
+    bar = tqdm(total=max_steps, disable=not progress, desc="tiny-train", unit="step")
+    step = 0
+    seed_cursor = seed * 10**7
+    while step < max_steps:
+        kind = "video" if random.random() < 0.3 else "image"
+        # One size bucket per batch keeps padding low; small images are the cheapest
+        # steps, so they are sampled most, but every resolution is seen.
+        lo, hi = random.choice([(64, 128), (64, 128), (128, 224), (224, 384)])
+        samples = [world.make_sample(seed_cursor + i, kind=kind, size_range=(lo, hi))
+                   for i in range(batch_size)]
+        seed_cursor += batch_size
+        batch = encode_batch(processor, samples)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, est_total, lr)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed = time.time() - t0
+        if step == 30:
+            est_total = min(max_steps, int(budget / (elapsed / step)))
+            bar.total = est_total
+        if step % log_every == 0:
+            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(elapsed, 1)})
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(log[-1]) + "\n")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+        if elapsed > budget or step >= est_total:
+            break
+    bar.close()
+    train_seconds = time.time() - t0
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    metrics = evaluate_quality(model, processor, eval_scenes, eval_clips, progress=progress)
+    metrics.update({"train_steps": step, "train_seconds": round(train_seconds, 1),
+                    "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": n_params,
+                    "final_loss": log[-1]["loss"] if log else None})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "train_config.json").write_text(json.dumps({"tiny_config": TINY_CONFIG, "minutes": minutes,
+                                                        "max_steps": max_steps, "batch_size": batch_size,
+                                                        "lr": lr, "seed": seed}, indent=2))
+    return metrics
+
+
+# ----------------------------------------------------------------------- evaluation
+
+def _mentions_all_objects(text: str, objects) -> bool:
+    text = text.lower()
+    return all(o.name in text for o in objects)
+
+
+@torch.no_grad()
+def greedy_answers(model, processor, samples, max_new_tokens: int = 96, batch_size: int = 8) -> list[str]:
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        for kind in ("image", "video"):
+            sub = [s for s in chunk if s.kind == kind]
+            if not sub:
+                continue
+            batch = encode_batch(processor, sub, with_answers=False)
+            gen = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
+            texts = processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for s, t in zip(sub, texts):
+                s.extra["prediction"] = t.strip()
+        out.extend(s.extra["prediction"] for s in chunk)
+    return out
+
+
+def evaluate_quality(model, processor, n_scenes: int = 200, n_clips: int = 100,
+                     seed: int = world.EVAL_SEED, progress: bool = False) -> dict:
+    """Held-out quality with greedy decoding (the metrics of the model card).
+
+    - describe_all_objects: fraction of scene descriptions naming every object's
+      colour+shape;
+    - count_accuracy: fraction of count answers exactly right;
+    - motion_accuracy: fraction of clips whose answer states every event exactly.
+    """
+    model.eval()
+    scenes = [world.make_sample(seed + i, kind="image", task="describe") for i in range(n_scenes)]
+    counts = [world.make_sample(seed + 10**6 + i, kind="image", task="count") for i in range(n_scenes)]
+    clips = [world.make_sample(seed + 2 * 10**6 + i, kind="video", task="motion") for i in range(n_clips)]
+    descs = greedy_answers(model, processor, scenes)
+    count_ans = greedy_answers(model, processor, counts)
+    motion_ans = greedy_answers(model, processor, clips)
+    desc_ok = sum(_mentions_all_objects(t, s.objects) for t, s in zip(descs, scenes))
+    count_ok = sum(t.strip() == s.answer for t, s in zip(count_ans, counts))
+    motion_ok = sum(all(e.sentence() in t.lower() for e in s.events) for t, s in zip(motion_ans, clips))
+    return {"describe_all_objects": desc_ok / max(1, n_scenes),
+            "count_accuracy": count_ok / max(1, n_scenes),
+            "motion_accuracy": motion_ok / max(1, n_clips),
+            "n_scenes": n_scenes, "n_clips": n_clips,
+            "examples": [{"question": s.question, "answer": s.answer, "prediction": t}
+                         for s, t in list(zip(scenes, descs))[:3] + list(zip(clips, motion_ans))[:2]]}

@@ -1,0 +1,380 @@
+"""A procedural "world of shapes": scenes and short clips with descriptions and QA.
+
+Everything is deterministic from an integer seed, so a training stream, a held-out
+evaluation set and a test fixture are just seed ranges. The same module renders the
+pixels and writes the text, so the two can never disagree.
+
+Scenes: 1-6 objects on a 3x3 grid (one object per cell), at least 6 shapes, 8 colours,
+2 sizes, optional one-letter labels, rendered at 64-384 px in several aspect ratios.
+Clips: 4-16 frames in which one or two events happen (an object moves, appears,
+disappears or changes colour).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "heart")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+}
+SIZES = ("small", "large")
+CELLS = (
+    "top left", "top middle", "top right",
+    "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+)
+LETTERS = "ABCDEFGHKMNPRSTXYZ"
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen",
+                "sixteen")
+BACKGROUNDS = ((200, 200, 200), (170, 190, 210), (215, 205, 180), (150, 160, 150))
+ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (3, 2))
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    shape: str
+    colour: str
+    size: str
+    cell: int  # 0..8, row-major on the 3x3 grid
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def where(self) -> str:
+        return CELLS[self.cell]
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "move" | "appear" | "disappear" | "recolour"
+    frame: int  # first frame that shows the new state
+    obj: WorldObject  # the object as it was before the event (after, for "appear")
+    to_cell: int | None = None
+    to_colour: str | None = None
+
+    def sentence(self) -> str:
+        o = self.obj
+        if self.kind == "move":
+            return f"the {o.name} moves from the {o.where} to the {CELLS[self.to_cell]}"
+        if self.kind == "appear":
+            return f"a {o.size} {o.name} appears in the {o.where}"
+        if self.kind == "disappear":
+            return f"the {o.name} disappears from the {o.where}"
+        return f"the {o.name} turns {self.to_colour}"
+
+
+@dataclass
+class Sample:
+    """One training/eval example: media plus a single-turn conversation."""
+    kind: str  # "image" | "video"
+    frames: list  # list[PIL.Image]; one frame for an image
+    question: str
+    answer: str
+    task: str  # "describe" | "count" | "colour" | "position" | "relation" | "motion"
+    objects: tuple = ()  # objects visible in the first frame
+    events: tuple = ()
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- scenes
+
+def random_objects(rng: random.Random, n: int, cells: list[int] | None = None) -> list[WorldObject]:
+    """n objects with distinct (colour, shape) pairs in distinct cells, row-major order."""
+    cells = sorted(rng.sample(cells if cells is not None else range(9), n))
+    pairs = set()
+    objs = []
+    for cell in cells:
+        while True:
+            pair = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+            if pair not in pairs:
+                pairs.add(pair)
+                break
+        label = rng.choice(LETTERS) if rng.random() < 0.15 else None
+        objs.append(WorldObject(pair[1], pair[0], rng.choice(SIZES), cell, label))
+    return objs
+
+
+def random_canvas(rng: random.Random, lo: int = 64, hi: int = 384) -> tuple[int, int]:
+    """(width, height) with a random aspect ratio and longest side in [lo, hi]."""
+    aw, ah = rng.choice(ASPECTS)
+    longest = rng.randint(lo, hi)
+    if aw >= ah:
+        return longest, max(lo // 2, round(longest * ah / aw))
+    return max(lo // 2, round(longest * aw / ah)), longest
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    def polar(k, radii, offset=-math.pi / 2):
+        return [(cx + radii[i % len(radii)] * math.cos(offset + 2 * math.pi * i / k),
+                 cy + radii[i % len(radii)] * math.sin(offset + 2 * math.pi * i / k))
+                for i in range(k)]
+    if shape == "triangle":
+        return polar(3, [r])
+    if shape == "diamond":
+        return polar(4, [r])
+    if shape == "hexagon":
+        return polar(6, [r], 0)
+    if shape == "star":
+        return polar(10, [r, r * 0.45])
+    if shape == "cross":
+        a = r * 0.35
+        return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a),
+                (cx + r, cy + a), (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r),
+                (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a)]
+    if shape == "heart":
+        pts = []
+        for i in range(24):
+            t = 2 * math.pi * i / 24
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + x * r / 17, cy - y * r / 17))
+        return pts
+    raise ValueError(shape)
+
+
+def render(objects, width: int, height: int, background=(200, 200, 200)) -> Image.Image:
+    """Draw objects on their grid cells. Large objects fill ~80% of a cell, small ~45%."""
+    img = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(img)
+    cw, ch = width / 3, height / 3
+    for o in objects:
+        row, col = divmod(o.cell, 3)
+        cx, cy = (col + 0.5) * cw, (row + 0.5) * ch
+        r = min(cw, ch) * (0.42 if o.size == "large" else 0.24)
+        fill = COLOURS[o.colour]
+        outline = (90, 90, 90) if o.colour in ("white", "black") else None
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline)
+        elif o.shape == "square":
+            a = r * 0.85
+            draw.rectangle([cx - a, cy - a, cx + a, cy + a], fill=fill, outline=outline)
+        else:
+            draw.polygon(_shape_points(o.shape, cx, cy, r), fill=fill, outline=outline)
+        if o.label:
+            ink = (255, 255, 255) if o.colour in ("black", "blue", "purple") else (0, 0, 0)
+            draw.text((cx - 3, cy - 5), o.label, fill=ink)
+    return img
+
+
+# ------------------------------------------------------------------------------ text
+
+def _count_phrase(n: int, noun: str = "object") -> str:
+    return f"{NUMBER_WORDS[n]} {noun}" + ("" if n == 1 else "s")
+
+
+def _object_phrase(o: WorldObject, rng: random.Random, style: int) -> str:
+    label = f" with the letter {o.label}" if o.label else ""
+    if style == 0:
+        return f"a {o.size} {o.name} in the {o.where}{label}"
+    if style == 1:
+        return f"a {o.name} ({o.size}) at the {o.where}{label}"
+    return f"in the {o.where} a {o.size} {o.name}{label}"
+
+
+def describe_scene(objects, rng: random.Random) -> str:
+    """A 20-80 token description in one of several phrasings, objects in reading order."""
+    n = len(objects)
+    style = rng.randrange(3)
+    opener = rng.choice([
+        f"The image shows {_count_phrase(n)} on a plain background.",
+        f"There {'is' if n == 1 else 'are'} {_count_phrase(n)} in this picture.",
+        f"I can see {_count_phrase(n, 'shape')} arranged on a grid.",
+        f"This picture contains {_count_phrase(n)}.",
+    ])
+    parts = [_object_phrase(o, rng, style) for o in objects]
+    if len(parts) == 1:
+        body = parts[0]
+    else:
+        body = ", ".join(parts[:-1]) + " and " + parts[-1]
+    closer = rng.choice(["", " Nothing else is visible.", " The rest of the grid is empty." if n < 9 else ""])
+    return f"{opener} {body[0].upper()}{body[1:]}.{closer}".strip()
+
+
+def scene_question(objects, rng: random.Random) -> tuple[str, str, str]:
+    """(task, question, answer) about a still scene."""
+    task = rng.choice(["count", "count", "colour", "position", "relation", "count_colour"])
+    if task == "count":
+        q = rng.choice(["How many objects are there?", "How many shapes can you see?",
+                        "Count the objects in the image."])
+        n = len(objects)
+        return "count", q, f"There {'is' if n == 1 else 'are'} {_count_phrase(n)}."
+    if task == "count_colour":
+        colour = rng.choice([o.colour for o in objects] + [rng.choice(list(COLOURS))])
+        n = sum(o.colour == colour for o in objects)
+        return "count", f"How many {colour} objects are there?", \
+            f"There {'is' if n == 1 else 'are'} {_count_phrase(n, colour + ' object')}."
+    if task == "colour":
+        o = rng.choice(objects)
+        return "colour", f"What colour is the shape in the {o.where}?", \
+            f"The {o.shape} in the {o.where} is {o.colour}."
+    if task == "position":
+        o = rng.choice(objects)
+        return "position", f"Where is the {o.name}?", f"The {o.name} is in the {o.where}."
+    a = rng.choice(objects)
+    others = [o for o in objects if o is not a]
+    if not others:
+        return "position", f"Where is the {a.name}?", f"The {a.name} is in the {a.where}."
+    b = rng.choice(others)
+    (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
+    if rng.random() < 0.5:
+        rel, truth = "above", ra < rb
+    else:
+        rel, truth = "left of", ca < cb
+    rel_text = "above" if rel == "above" else "to the left of"
+    q = f"Is the {a.name} {rel_text} the {b.name}?"
+    ans = f"Yes, the {a.name} is {rel_text} the {b.name}." if truth else \
+        f"No, the {a.name} is not {rel_text} the {b.name}."
+    return "relation", q, ans
+
+
+DESCRIBE_PROMPTS = ("Describe the image in detail.", "What do you see in this picture?",
+                    "Describe this image.", "Give a detailed description of the scene.")
+VIDEO_DESCRIBE_PROMPTS = ("Describe the video in detail.", "What happens in this clip?",
+                          "Describe what happens in the video.")
+
+
+# ------------------------------------------------------------------------------ clips
+
+def random_clip(rng: random.Random, n_frames: int | None = None):
+    """(objects_per_frame, events): 4-16 frames with one or two events."""
+    n_frames = n_frames or rng.choice([4, 6, 8, 8, 12, 16])
+    n = rng.randint(1, 4)
+    objs = random_objects(rng, n)
+    n_events = 1 if n_frames < 8 or rng.random() < 0.6 else 2
+    # Events happen at even frames so a temporal patch of 2 never straddles a change.
+    slots = sorted(rng.sample(range(2, n_frames, 2), min(n_events, len(range(2, n_frames, 2)))))
+    state = list(objs)
+    events = []
+    for frame in slots:
+        kinds = ["move", "appear", "disappear", "recolour"]
+        if len(state) >= 5:
+            kinds.remove("appear")
+        if len(state) <= 1:
+            kinds.remove("disappear")
+        kind = rng.choice(kinds)
+        free = [c for c in range(9) if c not in {o.cell for o in state}]
+        if kind == "move":
+            o = rng.choice(state)
+            to = rng.choice(free)
+            events.append(Event("move", frame, o, to_cell=to))
+            state = sorted([x for x in state if x is not o] + [replace(o, cell=to)], key=lambda x: x.cell)
+        elif kind == "appear":
+            pairs = {(o.colour, o.shape) for o in state}
+            while True:
+                new = WorldObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), rng.choice(free))
+                if (new.colour, new.shape) not in pairs:
+                    break
+            events.append(Event("appear", frame, new))
+            state = sorted(state + [new], key=lambda x: x.cell)
+        elif kind == "disappear":
+            o = rng.choice(state)
+            events.append(Event("disappear", frame, o))
+            state = [x for x in state if x is not o]
+        else:
+            o = rng.choice(state)
+            pairs = {(x.colour, x.shape) for x in state}
+            to = rng.choice([c for c in COLOURS if c != o.colour and (c, o.shape) not in pairs])
+            events.append(Event("recolour", frame, o, to_colour=to))
+            state = sorted([x for x in state if x is not o] + [replace(o, colour=to)], key=lambda x: x.cell)
+    per_frame = []
+    cur = list(objs)
+    pending = list(events)
+    for f in range(n_frames):
+        while pending and pending[0].frame == f:
+            ev = pending.pop(0)
+            if ev.kind == "move":
+                cur = [replace(x, cell=ev.to_cell) if x == ev.obj else x for x in cur]
+            elif ev.kind == "appear":
+                cur = cur + [ev.obj]
+            elif ev.kind == "disappear":
+                cur = [x for x in cur if x != ev.obj]
+            else:
+                cur = [replace(x, colour=ev.to_colour) if x == ev.obj else x for x in cur]
+        per_frame.append(sorted(cur, key=lambda x: x.cell))
+    return per_frame, events
+
+
+def describe_events(events) -> str:
+    sentences = [e.sentence() for e in events]
+    text = "Then " + sentences[0] + "."
+    if len(sentences) > 1:
+        text += " After that " + sentences[1] + "."
+    return text
+
+
+def describe_clip(per_frame, events, rng: random.Random) -> str:
+    first = per_frame[0]
+    n = len(per_frame)
+    opener = rng.choice([f"A clip of {NUMBER_WORDS[n]} frames.", "A short video.",
+                         f"This video has {NUMBER_WORDS[n]} frames."])
+    style = rng.randrange(3)
+    parts = [_object_phrase(replace(o, label=None), rng, style) for o in first]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{opener} At the start there {'is' if len(first) == 1 else 'are'} {body}. {describe_events(events)}"
+
+
+# --------------------------------------------------------------------------- samples
+
+def make_sample(seed: int, kind: str | None = None, task: str | None = None,
+                size_range: tuple[int, int] = (64, 384),
+                video_size_range: tuple[int, int] = (64, 160)) -> Sample:
+    """The sample of a seed. kind: "image" | "video" | None (3:1 images)."""
+    rng = random.Random(seed)
+    kind = kind or ("video" if rng.random() < 0.25 else "image")
+    bg = rng.choice(BACKGROUNDS)
+    if kind == "image":
+        objs = random_objects(rng, rng.randint(1, 6))
+        w, h = random_canvas(rng, *size_range)
+        img = render(objs, w, h, bg)
+        t = task or ("describe" if rng.random() < 0.5 else "qa")
+        if t == "describe":
+            return Sample("image", [img], rng.choice(DESCRIBE_PROMPTS), describe_scene(objs, rng),
+                          "describe", tuple(objs))
+        t2, q, a = scene_question(objs, rng)
+        if task not in (None, "qa") and task != t2:
+            # Ask for a specific QA task: resample deterministically until it matches.
+            for _ in range(64):
+                t2, q, a = scene_question(objs, rng)
+                if t2 == task:
+                    break
+        return Sample("image", [img], q, a, t2, tuple(objs))
+    per_frame, events = random_clip(rng)
+    w, h = random_canvas(rng, *video_size_range)
+    frames = [render(objs, w, h, bg) for objs in per_frame]
+    t = task or ("describe" if rng.random() < 0.5 else "motion")
+    if t == "describe":
+        return Sample("video", frames, rng.choice(VIDEO_DESCRIBE_PROMPTS),
+                      describe_clip(per_frame, events, rng), "describe", tuple(per_frame[0]), tuple(events))
+    q = rng.choice(["What happens in the video?", "What changes during the clip?",
+                    "What event takes place in this video?"])
+    ans = describe_events(events)
+    return Sample("video", frames, q, ans[5].upper() + ans[6:], "motion", tuple(per_frame[0]), tuple(events))
+
+
+def corpus_text(n: int = 4000, seed: int = 0) -> list[str]:
+    """Text of many samples (questions and answers), used to fit the tokenizer."""
+    texts = []
+    for s in range(seed, seed + n):
+        smp = make_sample(s, size_range=(64, 64), video_size_range=(64, 64))
+        texts.append(smp.question)
+        texts.append(smp.answer)
+    return texts
+
+
+# Seed ranges: training uses [0, 10**8), held-out evaluation starts at EVAL_SEED.
+EVAL_SEED = 10**9
