@@ -1,0 +1,149 @@
+"""`python -m specvlm_core <command>`: every capability of the core from the shell.
+
+Bad input never shows a traceback: the message goes to stderr as one line starting
+with `error:` and the exit code is 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import SpecVLMError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors follow the same contract
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default=None, help="Hub name or folder of the target VLM (default: the embedded tiny model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def cmd_generate(args) -> int:
+    from . import api, engine, media
+    from .models import load_target
+    image = video = None
+    if args.image:
+        kind, loaded = media.load_media(args.image, num_frames=args.frames)
+        image, video = (loaded, None) if kind == "image" else (None, loaded.frames)
+    else:
+        video = media.load_video(args.video, num_frames=args.frames).frames
+        if len(video) == 1:  # a still image given as a video is just an image
+            image, video = video[0], None
+    api.set_threads(args.threads)
+    sampling = engine.SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    tree = engine.TreeSettings(top_k=args.tree_top_k, depth=args.tree_depth, total_tokens=args.tree_total)
+    sampling.validate()
+    tree.validate()
+    target = load_target(args.model, device=args.device)
+    draft = None
+    if args.mode != "ar":
+        draft, _ = api.load_draft(target, args.draft)
+    result = api.run_generation(target, draft, args.prompt, image=image, video=video, mode=args.mode,
+                                sampling=sampling, tree=tree)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name in ("ar", "spec"):
+        r = result[name]
+        if r is None:
+            continue
+        extra = f", tau {r['mean_accepted']:.2f} over {r['rounds']} rounds" if name == "spec" else ""
+        print(f"[{name}] {r['new_tokens']} tokens in {r['seconds']:.3f}s{extra}\n{r['text']}\n")
+    if result["speedup"] is not None:
+        print(f"speedup {result['speedup']:.2f}x, identical: {result['identical']}")
+    return 0
+
+
+def cmd_tiny_train(args) -> int:
+    from .tiny_vlm import train_tiny_vlm
+    metrics = train_tiny_vlm(args.out, minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
+                             lr=args.lr, seed=args.seed, threads=args.threads,
+                             eval_scenes=args.eval_scenes, eval_clips=args.eval_clips)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
+    return 0
+
+
+def cmd_tiny_eval(args) -> int:
+    from .models import load_target
+    from .tiny_vlm import evaluate_quality
+    target = load_target(args.model, device=args.device)
+    metrics = evaluate_quality(target.model, target.processor, args.scenes, args.clips, progress=True)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_examples(args) -> int:
+    from .examples import write_examples
+    write_examples(args.out)
+    print(f"wrote examples to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m specvlm_core",
+                     description="SpecVLM Studio core: lossless speculative decoding for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="decode one image/video + prompt, plain and/or speculative")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="image file (an animated GIF is read as a clip)")
+    src.add_argument("--video", help="video file (mp4, webm, ...) or animated GIF")
+    g.add_argument("--prompt", required=True, help="the question")
+    _add_model_args(g)
+    g.add_argument("--draft", default=None, help="draft folder (default: the shipped draft of the embedded model)")
+    g.add_argument("--mode", choices=["ar", "spec", "both"], default="both")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--frames", type=int, default=None, help="frames sampled from a video (default 8)")
+    g.add_argument("--tree-top-k", type=int, default=4)
+    g.add_argument("--tree-depth", type=int, default=6)
+    g.add_argument("--tree-total", type=int, default=16, help="draft nodes verified per round")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("tiny-train", help="train the embedded tiny VLM on the generated world")
+    t.add_argument("--out", required=True)
+    t.add_argument("--minutes", type=float, default=72.0, help="time budget (default 72)")
+    t.add_argument("--max-steps", type=int, default=100000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--eval-scenes", type=int, default=200)
+    t.add_argument("--eval-clips", type=int, default=100)
+    t.set_defaults(func=cmd_tiny_train)
+
+    e = sub.add_parser("tiny-eval", help="measure the quality metrics of a tiny model on held-out world data")
+    _add_model_args(e)
+    e.add_argument("--scenes", type=int, default=200)
+    e.add_argument("--clips", type=int, default=100)
+    e.set_defaults(func=cmd_tiny_eval)
+
+    x = sub.add_parser("examples", help="write the example images and clips")
+    x.add_argument("--out", default="assets/examples")
+    x.set_defaults(func=cmd_examples)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecVLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

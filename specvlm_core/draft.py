@@ -1,0 +1,260 @@
+"""EagleVLM: the EAGLE-2 style draft head, in plain torch.
+
+One Llama-style decoder layer over [norm(token embedding) ; norm(target feature)] fused
+2H -> H (SpecVLM's input normalisation before the fusion). The token embedding and the
+lm_head are the target's own, frozen, and are *not* part of the draft's weights: they
+are passed in at run time, so a draft folder stays a few MB.
+
+The draft keeps its own preallocated KV cache written by position (gpt-fast style): the
+committed prefix occupies slots [0, length), tree expansion writes temporary slots after
+it, and committing accepted tokens simply overwrites those slots. Nothing is rolled back.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DraftMismatchError, ModelLoadError
+
+WEIGHTS_NAME = "draft.safetensors"
+CONFIG_NAME = "draft_config.json"
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_length: int = 8192
+    # Which target this draft belongs to: checked when loading.
+    target_name: str = ""
+    target_hidden_size: int = 0
+    target_vocab_size: int = 0
+    compressor: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def for_target(cls, target, **overrides) -> "DraftConfig":
+        """A draft shaped like one layer of the target's text decoder."""
+        tc = target.text_config
+        heads = tc.num_attention_heads
+        cfg = dict(hidden_size=tc.hidden_size, num_heads=heads,
+                   num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+                   intermediate_size=tc.intermediate_size,
+                   rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+                   target_name=Path(target.name).name if Path(target.name).exists() else target.name,
+                   target_hidden_size=tc.hidden_size, target_vocab_size=target.vocab_size)
+        cfg.update(overrides)
+        return cls(**cfg)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, head_dim] for integer positions [n] (rotate-half convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, n, head_dim]; cos/sin [n, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class EagleDraft(nn.Module):
+    """The draft network. Batch size 1 at inference (the engine decodes one request)."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.config = config
+        h, hd = config.hidden_size, config.head_dim
+        self.norm_embed = RMSNorm(h, config.rms_norm_eps)
+        self.norm_feature = RMSNorm(h, config.rms_norm_eps)
+        self.fuse = nn.Linear(2 * h, h, bias=False)
+        self.attn_norm = RMSNorm(h, config.rms_norm_eps)
+        self.q_proj = nn.Linear(h, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, h, bias=False)
+        self.mlp_norm = RMSNorm(h, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.compressor = None  # set by specvlm_core.compressor when the draft has one
+        self._k_cache: torch.Tensor | None = None  # [kv_heads, max_len, head_dim]
+        self._v_cache: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+        # Start close to "copy the target feature": the fusion sees [embed; feature].
+        with torch.no_grad():
+            h = self.config.hidden_size
+            self.fuse.weight[:, h:] += torch.eye(h)
+
+    # ------------------------------------------------------------------ training path
+    def forward(self, embeds: torch.Tensor, features: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Batched, cache-free pass for training.
+
+        embeds, features: [B, S, H] (embedding of token p+1, target feature at p);
+        attention_mask: [B, S] with 1 for real positions (left or right padding).
+        Returns the predicted features [B, S, H].
+        """
+        b, s, h = embeds.shape
+        x = self.fuse(torch.cat([self.norm_embed(embeds), self.norm_feature(features)], dim=-1))
+        if position_ids is None:
+            position_ids = torch.arange(s, device=x.device)
+        cos, sin = rotary_tables(position_ids.reshape(-1), self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos = cos.view(*position_ids.shape, -1)
+        sin = sin.view(*position_ids.shape, -1)
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        hd, nh, nkv = self.config.head_dim, self.config.num_heads, self.config.num_kv_heads
+        y = self.attn_norm(x)
+        q = self.q_proj(y).view(b, s, nh, hd).transpose(1, 2)
+        k = self.k_proj(y).view(b, s, nkv, hd).transpose(1, 2)
+        v = self.v_proj(y).view(b, s, nkv, hd).transpose(1, 2)
+        q = apply_rotary(q, cos[:, None], sin[:, None])
+        k = apply_rotary(k, cos[:, None], sin[:, None])
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        if attention_mask is not None:
+            mask = mask[None, None] & attention_mask[:, None, None, :].bool()
+            # A fully padded query row would give NaN: let it see itself.
+            mask = mask | torch.eye(s, dtype=torch.bool, device=x.device)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, s, nh * hd))
+        y = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+    # ----------------------------------------------------------------- inference path
+    def reset_cache(self, max_length: int | None = None) -> None:
+        cfg = self.config
+        n = max_length or cfg.max_length
+        p = self.fuse.weight
+        if self._k_cache is None or self._k_cache.shape[1] < n or self._k_cache.device != p.device:
+            self._k_cache = torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=p.dtype, device=p.device)
+            self._v_cache = torch.zeros_like(self._k_cache)
+
+    @torch.no_grad()
+    def step(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+             slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Run n new inputs against the cache.
+
+        embeds, features: [n, H]; positions: [n] rotary positions; slots: [n] cache slots
+        to write; visible: [n, L] bool, which cache slots (after writing) each input
+        attends to, L <= cache length. Returns the output features [n, H].
+        """
+        cfg = self.config
+        n = embeds.shape[0]
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        x = self.fuse(torch.cat([self.norm_embed(embeds), self.norm_feature(features)], dim=-1))
+        cos, sin = rotary_tables(positions, hd, cfg.rope_theta, x.dtype)
+        y = self.attn_norm(x)
+        q = apply_rotary(self.q_proj(y).view(n, nh, hd).transpose(0, 1), cos, sin)
+        k = apply_rotary(self.k_proj(y).view(n, nkv, hd).transpose(0, 1), cos, sin)
+        v = self.v_proj(y).view(n, nkv, hd).transpose(0, 1)
+        self._k_cache[:, slots] = k
+        self._v_cache[:, slots] = v
+        length = visible.shape[1]
+        keys = self._k_cache[:, :length].repeat_interleave(nh // nkv, dim=0)
+        values = self._v_cache[:, :length].repeat_interleave(nh // nkv, dim=0)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
+        x = x + self.o_proj(attn.transpose(0, 1).reshape(n, nh * hd))
+        y = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+    # ------------------------------------------------------------------- persistence
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write draft_config.json and draft.safetensors (atomically: temp file, rename)."""
+        from safetensors.torch import save_file
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / WEIGHTS_NAME)
+        cfg = asdict(self.config)
+        if self.compressor is not None:
+            cfg["compressor"] = self.compressor.config_dict()
+        tmp_cfg = out / (CONFIG_NAME + ".tmp")
+        tmp_cfg.write_text(json.dumps(cfg, indent=2))
+        tmp_cfg.replace(out / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target=None, device=None) -> "EagleDraft":
+        """Load a draft folder; with a target, refuse a draft trained for another one."""
+        from safetensors.torch import load_file
+        folder = Path(path)
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise ModelLoadError(f"not a draft folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}): {path}")
+        try:
+            raw = json.loads((folder / CONFIG_NAME).read_text())
+            config = DraftConfig(**raw)
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"draft config is unreadable in {path}: {exc}") from exc
+        if target is not None:
+            check_draft_matches(config, target)
+        draft = cls(config)
+        if config.compressor:
+            from .compressor import build_compressor
+            draft.compressor = build_compressor(config.compressor, config.hidden_size)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(f"draft weights in {path} do not match its config "
+                                 f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+        draft.requires_grad_(False)
+        draft.eval()
+        if target is not None:
+            draft.to(device=target.device, dtype=target.dtype)
+        elif device is not None:
+            draft.to(device)
+        return draft
+
+
+def check_draft_matches(config: DraftConfig, target) -> None:
+    if config.target_hidden_size != target.hidden_size or config.target_vocab_size != target.vocab_size:
+        raise DraftMismatchError(
+            f"this draft was trained for {config.target_name or 'another model'} (hidden {config.target_hidden_size}, "
+            f"vocab {config.target_vocab_size}), not for {target.name} (hidden {target.hidden_size}, "
+            f"vocab {target.vocab_size}); train one with `python -m specvlm_core distill`")
+
+
+def new_draft_for(target, seed: int = 0) -> EagleDraft:
+    """A randomly initialised draft for a target (still lossless, only slower)."""
+    torch.manual_seed(seed)
+    draft = EagleDraft(DraftConfig.for_target(target))
+    draft.requires_grad_(False)
+    draft.eval()
+    return draft.to(device=target.device, dtype=target.dtype)
