@@ -80,6 +80,25 @@ def cmd_tiny_eval(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill import DistillConfig, train
+    if args.steps is not None and args.epochs is not None:
+        raise SpecVLMError("give --steps or --epochs, not both")
+    cfg = DistillConfig(model=args.model, data=args.data, media_dir=args.media_dir, steps=args.steps,
+                        epochs=args.epochs, epoch_size=args.epoch_size, batch_size=args.batch_size, lr=args.lr,
+                        out_dir=args.out, resume=args.resume, json_log=args.json_log, device=args.device,
+                        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                        eval_samples=args.eval_samples, self_distill=args.self_distill, seed=args.seed,
+                        compressor={"mode": args.compressor} if args.compressor != "off" else None)
+    if cfg.steps is None and cfg.epochs is None:
+        cfg.steps = 200
+    from . import api
+    api.set_threads(args.threads)
+    out = train(cfg)
+    print(f"draft written to {out} (use it with: python -m specvlm_core generate --draft {out} ...)")
+    return 0
+
+
 def cmd_examples(args) -> int:
     from .examples import write_examples
     write_examples(args.out)
@@ -129,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scenes", type=int, default=200)
     e.add_argument("--clips", type=int, default=100)
     e.set_defaults(func=cmd_tiny_eval)
+
+    d = sub.add_parser("distill", help="train a draft for a target by online-logit distillation")
+    _add_model_args(d)
+    d.add_argument("--data", default="generated", help="'generated' (the built-in world) or a LLaVA-format JSON file")
+    d.add_argument("--media-dir", default=None, help="folder the JSON's image/video paths are relative to")
+    d.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200 unless --epochs)")
+    d.add_argument("--epochs", type=float, default=None)
+    d.add_argument("--epoch-size", type=int, default=1024, help="samples per epoch of generated data")
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--out", default="runs/draft", help="output folder (draft + checkpoints/)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    d.add_argument("--json-log", default=None, help="append one JSON line of metrics per step")
+    d.add_argument("--checkpoint-every", type=int, default=50)
+    d.add_argument("--eval-every", type=int, default=50, help="measure tau on held-out prompts every N steps")
+    d.add_argument("--eval-samples", type=int, default=6)
+    d.add_argument("--self-distill", action="store_true", help="train on the target's own greedy answers")
+    d.add_argument("--compressor", default="off", help="off, or a compressor mode (see docs)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_distill)
 
     x = sub.add_parser("examples", help="write the example images and clips")
     x.add_argument("--out", default="assets/examples")

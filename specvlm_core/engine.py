@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .errors import ParameterError
+from .models import record_decoder_io
 from .tree import DraftTree, ancestor_mask, children_lists, expand_frontier, select_tree, tree_attention_mask
 
 
@@ -196,7 +197,6 @@ class TargetRunner:
     def __init__(self, target):
         self.target = target
         self.model = target.model
-        self.decoder = target.model.get_decoder()
         self.cache = None
         self.length = 0
         self.rope_delta = 0
@@ -209,20 +209,9 @@ class TargetRunner:
         return positions.view(1, -1)
 
     def _forward(self, **kwargs):
-        def grab_inputs(_module, _args, kw):
-            self._captured["embeds"] = kw.get("inputs_embeds")
-
-        def grab_outputs(_module, _args, _kw, output):
-            self._captured["features"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-        h1 = self.decoder.register_forward_pre_hook(grab_inputs, with_kwargs=True)
-        h2 = self.decoder.register_forward_hook(grab_outputs, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                out = self.model(**kwargs, use_cache=True, return_dict=True)
-        finally:
-            h1.remove()
-            h2.remove()
+        with record_decoder_io(self.model) as record, torch.no_grad():
+            out = self.model(**kwargs, use_cache=True, return_dict=True)
+        self._captured = record
         return out
 
     def prefill(self, inputs: dict):
@@ -294,12 +283,14 @@ class EagleDrafter:
     def start(self, features: torch.Tensor, embeds: torch.Tensor, first_token: int, visual_mask=None,
               media=None) -> None:
         """Draft prefill. features, embeds: [S, H] from the target's prefill; the token
-        after the prompt is first_token. visual_mask [S] marks visual tokens (for the
-        compressor, when the draft has one)."""
+        after the prompt is first_token. visual_mask [S] marks visual prompt tokens (for
+        the compressor, when the draft has one)."""
         shifted = torch.cat([embeds[1:], self.embed(torch.tensor([first_token], device=embeds.device))])
         if self.draft.compressor is not None and visual_mask is not None:
+            # Draft position p holds the embedding of token p+1.
+            shifted_visual = torch.cat([visual_mask[1:], visual_mask.new_zeros(1)])
             shifted, features, self.info = self.draft.compressor.compress_sequence(
-                shifted, features, visual_mask, media)
+                shifted, features, shifted_visual, media)
         n = features.shape[0]
         self.draft.reset_cache(n + 4096)
         self.length = 0

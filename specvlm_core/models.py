@@ -7,6 +7,7 @@ One code path for the embedded tiny Qwen2-VL and for real checkpoints on the Hub
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -186,3 +187,44 @@ def prepare_inputs(target: Target, prompt: str, image=None, video=None) -> dict:
                 v = v.to(target.dtype)
         out[k] = v
     return out
+
+
+@contextlib.contextmanager
+def record_decoder_io(model):
+    """Within the block, every forward of `model` records (never changes) what its
+    language model receives and returns:
+    record["embeds"]: inputs_embeds [B, S, H] (visual positions hold the projected
+    visual features), record["features"]: final hidden states [B, S, H] after the final
+    norm, i.e. exactly what the lm_head reads.
+    Plain torch forward hooks: no modeling code is copied or patched."""
+    decoder = model.get_decoder()
+    record: dict = {}
+
+    def grab_inputs(_module, _args, kwargs):
+        record["embeds"] = kwargs.get("inputs_embeds")
+
+    def grab_outputs(_module, _args, _kwargs, output):
+        record["features"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handles = [decoder.register_forward_pre_hook(grab_inputs, with_kwargs=True),
+               decoder.register_forward_hook(grab_outputs, with_kwargs=True)]
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build_training_text(target: Target, prompt: str, answer: str, media_kind: str | None) -> tuple[str, str]:
+    """(full chat text with the answer and end of turn, the prompt part alone).
+    The answer's tokens are those after the prompt part."""
+    proc = target.processor
+    prompt_text = proc.apply_chat_template(build_messages(prompt, media_kind), add_generation_prompt=True,
+                                           tokenize=False)
+    messages = build_messages(prompt, media_kind) + [{"role": "assistant",
+                                                      "content": [{"type": "text", "text": answer}]}]
+    full = proc.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt_text):  # templates that render the assistant turn differently
+        eos = target.tokenizer.eos_token or ""
+        full = prompt_text + answer + eos
+    return full, prompt_text

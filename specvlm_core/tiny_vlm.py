@@ -158,10 +158,12 @@ def encode_batch(processor, samples, with_answers: bool = True):
 
 # ------------------------------------------------------------------------- training
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up over `warmup` steps, then cosine to 10% of peak as the time
+    budget runs out (progress = elapsed / budget), so the schedule completes even
+    when the machine is busy and steps are slower than expected."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -183,6 +185,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     random.seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "train_log.jsonl").unlink(missing_ok=True)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     config = build_config(tokenizer)
@@ -192,13 +195,12 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    # Estimate the number of steps that fit the budget after a few steps, for the schedule.
-    est_total = max_steps
     t0 = time.time()
     budget = minutes * 60
     log = []
     model.train()
-    bar = tqdm(total=max_steps, disable=not progress, desc="tiny-train", unit="step")
+    # The budget is time, so the bar counts seconds; the postfix shows step and loss.
+    bar = tqdm(total=int(budget), disable=not progress, desc="tiny-train", unit="s")
     step = 0
     seed_cursor = seed * 10**7
     while step < max_steps:
@@ -211,7 +213,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
         seed_cursor += batch_size
         batch = encode_batch(processor, samples)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, est_total, lr)
+            g["lr"] = lr_at(step, max((time.time() - t0) / budget, step / max_steps), lr)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,16 +221,13 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
         opt.step()
         step += 1
         elapsed = time.time() - t0
-        if step == 30:
-            est_total = min(max_steps, int(budget / (elapsed / step)))
-            bar.total = est_total
         if step % log_every == 0:
             log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(elapsed, 1)})
             with open(out / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(log[-1]) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.update(1)
-        if elapsed > budget or step >= est_total:
+        bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
+        bar.update(min(int(budget), int(elapsed)) - bar.n)
+        if elapsed > budget or step >= max_steps:
             break
     bar.close()
     train_seconds = time.time() - t0

@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from specvlm_core import models, testing  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def family_target(tmp_path_factory):
+    """family -> loaded tiny random Target, built once per session."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = testing.build_tiny_target(family, tmp_path_factory.mktemp(family))
+            cache[family] = models.load_target(path, device="cpu")
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def embedded_target():
+    return models.load_target(models.DEFAULT_MODEL, device="cpu")
