@@ -246,8 +246,8 @@ def teacher_forward(target: Target, ex: Example) -> TeacherOutput:
     # the token after it (input: embedding of answer token 1, predicts token 2).
     loss_mask[: seq - 2] = is_answer[2:] & is_answer[1:-1]
     return TeacherOutput(embeds=rec["embeds"][0], features=rec["features"][0], logits=out.logits[0],
-                         loss_mask=loss_mask, visual_mask=engine._visual_mask(target, batch),
-                         media={"image": ex.image, "video": ex.video})
+                         loss_mask=loss_mask, visual_mask=engine.visual_mask(target, batch),
+                         media={"image": ex.image, "video": ex.video, "grid": engine.visual_grid(target, batch)})
 
 
 # --------------------------------------------------------------------- the loss
@@ -259,7 +259,7 @@ def distill_loss(draft, lm_head: torch.nn.Module, outs: list[TeacherOutput], con
     Returns a dict of tensors: loss, logit, feat, top1 (agreement of draft and teacher
     argmax on trained positions)."""
     device = next(draft.parameters()).device
-    inputs_e, inputs_f, targets_f, targets_l, masks = [], [], [], [], []
+    inputs_e, inputs_f, targets_f, targets_l, masks, cost_terms = [], [], [], [], [], []
     for o in outs:
         embeds_in, feats_in, feats_out, logits_out, mask = (o.embeds[1:], o.features[:-1], o.features[1:],
                                                             o.logits[1:], o.loss_mask)
@@ -269,6 +269,8 @@ def distill_loss(draft, lm_head: torch.nn.Module, outs: list[TeacherOutput], con
                                                                      o.media, training=True)
             # Positions the compressor made up (pooled, resampled) have no teacher target;
             # they are visual positions, which are never trained on anyway.
+            if "cost_loss" in info:
+                cost_terms.append(info["cost_loss"])
             src = info["source_index"].to(feats_out.device)
             real = src >= 0
             feats_out = torch.where(real[:, None], feats_out[src.clamp(min=0)], torch.zeros_like(feats_in))
@@ -308,6 +310,8 @@ def distill_loss(draft, lm_head: torch.nn.Module, outs: list[TeacherOutput], con
             top1 = ((logp.argmax(-1) == tl.argmax(-1)) & m).sum() / n
         # Next pass: position p sees the draft's own prediction of f(p) (made at p-1).
         feats_in = torch.cat([f[:, :1], pred[:, :-1].detach().to(f.dtype)], dim=1)
+    if cost_terms:
+        total = total + torch.stack(cost_terms).mean()
     return {"loss": total, "logit": torch.stack(logit_terms).mean(), "feat": torch.stack(feat_terms).mean(),
             "top1": top1.detach()}
 

@@ -443,8 +443,8 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
     if emitter.finish_reason:
         return
     t0 = time.perf_counter()
-    visual_mask = _visual_mask(target, inputs)
-    drafter.start(features, embeds, root, visual_mask=visual_mask, media=media)
+    media = {**(media or {}), "grid": visual_grid(target, inputs)}
+    drafter.start(features, embeds, root, visual_mask=visual_mask(target, inputs), media=media)
     draft_prefill_ms = _ms(t0)
     round_no = 0
     while True:
@@ -472,7 +472,7 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
             drafter.commit(accepted_tokens + [bonus], tree_features[path])
             t_draft_commit = _ms(t1)
         round_ms = _ms(t_round)
-        info = {"draft_prefill_ms": draft_prefill_ms, **drafter.info} if round_no == 1 else {}
+        info = _first_round_info(draft_prefill_ms, drafter.info) if round_no == 1 else {}
         yield RoundEvent("spec", round_no, kept, new_text, emitter.text, len(emitter.tokens),
                          time.perf_counter() - start, draft_ms=draft_ms + t_draft_commit, verify_ms=verify_ms,
                          overhead_ms=max(0.0, round_ms - draft_ms - t_draft_commit - verify_ms),
@@ -483,7 +483,34 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
         root = bonus
 
 
-def _visual_mask(target, inputs: dict) -> torch.Tensor:
+def _first_round_info(draft_prefill_ms: float, compressor_info: dict) -> dict:
+    """What the first round reports about the draft's prefill and the compressor
+    (JSON-friendly: tensors dropped)."""
+    info = {"draft_prefill_ms": round(draft_prefill_ms, 3)}
+    for key, value in compressor_info.items():
+        if not isinstance(value, torch.Tensor):
+            info[key] = value
+    before, after = info.get("visual_tokens_before"), info.get("visual_tokens_after")
+    if before and after is not None:
+        info["tokens_compressed"] = before - after
+    return info
+
+
+def visual_grid(target, inputs: dict) -> tuple[int, int, int] | None:
+    """(frames, rows, cols) of the prompt's visual tokens, where the family lays them
+    out as a plain grid (Qwen2-VL: grid_thw over the merge size); None otherwise."""
+    if target.family != "qwen2_vl":
+        return None
+    merge = getattr(target.model.config.vision_config, "spatial_merge_size", 2)
+    for key in ("image_grid_thw", "video_grid_thw"):
+        thw = inputs.get(key)
+        if thw is not None and thw.shape[0] == 1:
+            t, h, w = (int(v) for v in thw[0])
+            return t, h // merge, w // merge
+    return None
+
+
+def visual_mask(target, inputs: dict) -> torch.Tensor:
     """[S] bool: which prompt positions hold visual tokens."""
     ids = inputs["input_ids"][0]
     cfg = target.model.config
