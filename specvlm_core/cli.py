@@ -99,6 +99,49 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def parse_tree(text: str):
+    """"auto" or "top_k,depth,total" -> TreeSettings | "auto"."""
+    from .engine import TreeSettings
+    if text == "auto":
+        return "auto"
+    try:
+        k, d, t = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SpecVLMError(f"--tree must be 'auto' or 'top_k,depth,total', got {text!r}") from None
+    tree = TreeSettings(k, d, t)
+    tree.validate()
+    return tree
+
+
+def resolve_tree(tree, target, draft, verbose: bool = True):
+    if tree != "auto":
+        return tree
+    from . import autotune
+    from .engine import TreeSettings
+    result = autotune.auto_tree(target, draft, progress=(lambda m: print(f"auto tree: {m}", file=sys.stderr))
+                                if verbose else None)
+    if verbose:
+        print(f"auto tree: {result['why']}", file=sys.stderr)
+    return TreeSettings(**result["tree"])
+
+
+def cmd_bench(args) -> int:
+    from . import api, bench
+    from .models import load_target
+    api.set_threads(args.threads)
+    tree = parse_tree(args.tree)
+    cases = bench.suite(args.suite)
+    target = load_target(args.model, device=args.device)
+    draft, source = api.load_draft(target, args.draft)
+    tree = resolve_tree(tree, target, draft)
+    print(f"bench: {len(cases)} cases, tree {tree}, draft {source}", file=sys.stderr)
+    report = bench.run_benchmark(target, draft, cases, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                                 tree=tree, progress=lambda i, n, name: print(f"[{i}/{n}] {name}", file=sys.stderr))
+    bench.write_report(report, args.json, args.markdown, args.html)
+    print(bench.to_markdown(report))
+    return 0
+
+
 def cmd_examples(args) -> int:
     from .examples import write_examples
     write_examples(args.out)
@@ -168,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compressor", default="off", help="off, or a compressor mode (see docs)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)
+
+    b = sub.add_parser("bench", help="benchmark plain, prompt-lookup, EagleVLM and SpecVLM side by side")
+    _add_model_args(b)
+    b.add_argument("--draft", default=None)
+    b.add_argument("--suite", default="default", choices=["quick", "default"])
+    b.add_argument("--tree", default="auto", help="auto (measured for this device) or top_k,depth,total")
+    b.add_argument("--max-new-tokens", type=int, default=96)
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--json", default=None, help="write the full report as JSON")
+    b.add_argument("--markdown", default=None, help="write the table as Markdown")
+    b.add_argument("--html", default=None, help="write a plotly chart as HTML")
+    b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser("examples", help="write the example images and clips")
     x.add_argument("--out", default="assets/examples")

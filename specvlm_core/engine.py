@@ -82,6 +82,7 @@ class RoundEvent:
     tree: dict | None = None
     accepted_nodes: list[int] = field(default_factory=list)
     bonus_token: int | None = None
+    target_choice: list[int] | None = None  # greedy: the target's argmax after each tree node
     finished: bool = False
     finish_reason: str | None = None
     info: dict = field(default_factory=dict)
@@ -458,8 +459,10 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
         _sync(target.device)
         verify_ms = _ms(t0)
         t_draft_commit = 0.0
+        target_choice = None
         if sampling.temperature == 0:
             path, bonus = accept_greedy(draft_tree.tokens, draft_tree.parents, tree_logits)
+            target_choice = tree_logits.argmax(-1).tolist()
         else:
             probs = logits_to_probs(tree_logits, sampling.temperature, sampling.top_k, sampling.top_p)
             path, bonus = accept_sampling(draft_tree.tokens, draft_tree.parents, probs, gen)
@@ -477,7 +480,7 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
                          time.perf_counter() - start, draft_ms=draft_ms + t_draft_commit, verify_ms=verify_ms,
                          overhead_ms=max(0.0, round_ms - draft_ms - t_draft_commit - verify_ms),
                          tree=draft_tree.as_dict(), accepted_nodes=path, bonus_token=bonus,
-                         finished=finished, finish_reason=emitter.finish_reason, info=info)
+                         target_choice=target_choice, finished=finished, finish_reason=emitter.finish_reason, info=info)
         if finished:
             return
         root = bonus

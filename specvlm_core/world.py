@@ -332,8 +332,9 @@ def describe_clip(per_frame, events, rng: random.Random) -> str:
 
 def make_sample(seed: int, kind: str | None = None, task: str | None = None,
                 size_range: tuple[int, int] = (64, 384),
-                video_size_range: tuple[int, int] = (64, 160)) -> Sample:
-    """The sample of a seed. kind: "image" | "video" | None (3:1 images)."""
+                video_size_range: tuple[int, int] = (64, 160), n_frames: int | None = None) -> Sample:
+    """The sample of a seed. kind: "image" | "video" | None (3:1 images); n_frames
+    fixes a clip's length (default: 4-16 at random)."""
     rng = random.Random(seed)
     kind = kind or ("video" if rng.random() < 0.25 else "image")
     bg = rng.choice(BACKGROUNDS)
@@ -353,7 +354,7 @@ def make_sample(seed: int, kind: str | None = None, task: str | None = None,
                 if t2 == task:
                     break
         return Sample("image", [img], q, a, t2, tuple(objs))
-    per_frame, events = random_clip(rng)
+    per_frame, events = random_clip(rng, n_frames)
     w, h = random_canvas(rng, *video_size_range)
     frames = [render(objs, w, h, bg) for objs in per_frame]
     t = task or ("describe" if rng.random() < 0.5 else "motion")

@@ -1,0 +1,248 @@
+"""Benchmarks: plain decoding, HF prompt-lookup assisted generation, EagleVLM and
+SpecVLM side by side, in one process, interleaved, warm-up discarded.
+
+Speed is reported as ratios measured in the same run (speedup = plain seconds /
+method seconds for the same input and max tokens), never as absolute asserts.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import engine, world
+from .models import prepare_inputs
+
+
+@dataclass
+class Case:
+    name: str
+    prompt: str
+    image: object = None
+    video: list | None = None
+    temperature: float = 0.0
+
+
+def _world_case(name, seed, kind, temperature, size=None, frames=None, task=None):
+    smp = world.make_sample(seed, kind=kind, task=task, size_range=(size, size) if size else (64, 384),
+                            video_size_range=(96, 128), n_frames=frames)
+    return Case(name, smp.question, image=smp.frames[0] if kind == "image" else None,
+                video=smp.frames if kind == "video" else None, temperature=temperature)
+
+
+def suite(name: str) -> list[Case]:
+    """quick: 3 inputs at T=0 plus one at T=1; default: prompts x resolutions x clip
+    lengths x temperatures 0 and 1."""
+    base = world.EVAL_SEED + 9 * 10**6
+    if name == "quick":
+        return [_world_case("img96-describe", base, "image", 0.0, 96, task="describe"),
+                _world_case("img320-describe", base + 1, "image", 0.0, 320, task="describe"),
+                _world_case("clip8-describe", base + 2, "video", 0.0, frames=8, task="describe"),
+                _world_case("img160-describe-T1", base + 3, "image", 1.0, 160, task="describe")]
+    if name != "default":
+        raise ValueError(f"unknown suite {name!r}: quick or default")
+    cases = []
+    for t in (0.0, 1.0):
+        tag = "" if t == 0 else "-T1"
+        for i, size in enumerate((64, 128, 224, 384)):
+            cases.append(_world_case(f"img{size}-describe{tag}", base + 10 + i, "image", t, size, task="describe"))
+        cases.append(_world_case(f"img192-count{tag}", base + 20, "image", t, 192, task="count"))
+        for i, frames in enumerate((4, 8, 16)):
+            cases.append(_world_case(f"clip{frames}-describe{tag}", base + 30 + i, "video", t, frames=frames,
+                                     task="describe"))
+    return cases
+
+
+# ----------------------------------------------------------------------- methods
+
+def run_plain(target, inputs, sampling, **_):
+    return engine.collect(engine.autoregressive_stream(target, inputs, sampling))
+
+
+def run_spec(target, inputs, sampling, draft=None, tree=None, media=None, **_):
+    return engine.collect(engine.speculative_stream(target, engine.EagleDrafter(draft, target), inputs, sampling,
+                                                    tree, media=media))
+
+
+def run_prompt_lookup(target, inputs, sampling, **_):
+    """transformers' assisted generation with prompt lookup (n-gram drafts), timed
+    end to end like the others. Returns the error text where the model does not
+    support it (e.g. Qwen2-VL: the n-gram lookup copies image placeholder tokens
+    from the prompt, and the re-run vision features then do not match)."""
+    t0 = time.perf_counter()
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, prompt_lookup_num_tokens=10)
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    try:
+        with torch.no_grad():
+            out = target.model.generate(**inputs, **kwargs)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    seconds = time.perf_counter() - t0
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return engine.GenerationResult("prompt_lookup", ids, target.tokenizer.decode(ids, skip_special_tokens=True),
+                                   seconds, 0, 0.0, [], None)
+
+
+def _stats(res: engine.GenerationResult) -> dict:
+    rounds = [e for e in res.events if e.round > 0] if res.method == "spec" else []
+    n = max(1, len(rounds))
+    return {"seconds": res.seconds, "new_tokens": res.new_tokens,
+            "tokens_per_s": res.new_tokens / res.seconds if res.seconds > 0 else 0.0,
+            "tau": res.mean_accepted, "prefill_ms": res.prefill_ms,
+            "draft_ms": sum(e.draft_ms for e in rounds) / n if rounds else None,
+            "verify_ms": sum(e.verify_ms for e in rounds) / n if rounds else None,
+            "overhead_ms": sum(e.overhead_ms for e in rounds) / n if rounds else None,
+            "token_ids": res.token_ids}
+
+
+def run_benchmark(target, draft, cases: list[Case], max_new_tokens: int = 96, repeats: int = 2,
+                  tree: engine.TreeSettings | None = None, methods=("plain", "prompt_lookup", "eagle", "specvlm"),
+                  progress=None) -> dict:
+    """Every method on every case, interleaved (the order rotates per repeat), after a
+    discarded warm-up of each. The draft's compressor is on for "specvlm" and off for
+    "eagle" (the same trained weights otherwise)."""
+    tree = tree or engine.TreeSettings()
+    compressor = draft.compressor
+    eagle_draft = draft
+    runners = {"plain": run_plain, "prompt_lookup": run_prompt_lookup, "eagle": run_spec, "specvlm": run_spec}
+    results = {m: [] for m in methods}
+    unsupported: dict[str, str] = {}
+    for ci, case in enumerate(cases):
+        inputs = prepare_inputs(target, case.prompt, image=case.image, video=case.video)
+        media = {"image": case.image, "video": case.video}
+        per_method = {m: [] for m in methods}
+        order = list(methods)
+        for rep in range(repeats + 1):
+            for m in order:
+                if m in unsupported:
+                    continue
+                draft.compressor = compressor if m == "specvlm" else None
+                sampling = engine.SamplingSettings(temperature=case.temperature, max_new_tokens=max_new_tokens,
+                                                   seed=rep)
+                res = runners[m](target, inputs, sampling, draft=eagle_draft, tree=tree, media=media)
+                if isinstance(res, str):
+                    unsupported[m] = res
+                    continue
+                if rep > 0 or ci > 0:  # the very first pass of each method is a warm-up
+                    per_method[m].append(_stats(res))
+            order = order[1:] + order[:1]
+        draft.compressor = compressor
+        plain_ids = per_method["plain"][0]["token_ids"] if per_method.get("plain") else None
+        for m in methods:
+            runs = per_method[m]
+            if not runs:
+                continue
+            med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
+            row = {"case": case.name, "temperature": case.temperature, "method": m,
+                   "seconds": med("seconds"), "new_tokens": runs[0]["new_tokens"], "tokens_per_s": med("tokens_per_s"),
+                   "tau": med("tau"), "prefill_ms": med("prefill_ms"), "draft_ms": med("draft_ms"),
+                   "verify_ms": med("verify_ms"), "overhead_ms": med("overhead_ms")}
+            if case.temperature == 0 and plain_ids is not None:
+                row["matches_plain"] = all(r["token_ids"] == plain_ids for r in runs)
+            results[m].append(row)
+        if progress:
+            progress(ci + 1, len(cases), case.name)
+    return summarise(results, cases, tree, repeats, max_new_tokens, target, unsupported)
+
+
+def summarise(results: dict, cases, tree, repeats, max_new_tokens, target, unsupported) -> dict:
+    plain = {(r["case"]): r for r in results.get("plain", [])}
+    table = []
+    for m, rows in results.items():
+        if not rows:
+            table.append({"method": m, "supported": False, "reason": unsupported.get(m, "")})
+            continue
+        for r in rows:
+            p = plain.get(r["case"])
+            r["speedup"] = (p["seconds"] / r["seconds"]) if p and r["seconds"] else None
+        for temp in (0.0, 1.0):
+            sel = [r for r in rows if r["temperature"] == temp]
+            if not sel:
+                continue
+            taus = [r["tau"] for r in sel if r["tau"] is not None]
+            entry = {"method": m, "temperature": temp, "supported": True, "cases": len(sel),
+                     "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in sel),
+                     "median_speedup": statistics.median(r["speedup"] for r in sel if r["speedup"] is not None),
+                     "mean_tau": statistics.mean(taus) if taus else None,
+                     "median_prefill_ms": statistics.median(r["prefill_ms"] for r in sel)}
+            for k in ("draft_ms", "verify_ms", "overhead_ms"):
+                vals = [r[k] for r in sel if r[k] is not None]
+                entry[f"median_{k}"] = statistics.median(vals) if vals else None
+            if temp == 0:
+                entry["lossless"] = all(r.get("matches_plain", True) for r in sel)
+            table.append(entry)
+    head = next((e for e in table if e["method"] == "specvlm" and e.get("temperature") == 0.0), None)
+    plain0 = next((e for e in table if e["method"] == "plain" and e.get("temperature") == 0.0), None)
+    ideal = None
+    if head and plain0 and head["mean_tau"]:
+        plain_step_ms = 1000 / plain0["median_tokens_per_s"]
+        round_ms = head["median_draft_ms"] + head["median_verify_ms"] + head["median_overhead_ms"]
+        ideal = {"ideal_speedup": head["mean_tau"] * plain_step_ms / round_ms if round_ms else None,
+                 "fraction_of_ideal": head["median_speedup"] / (head["mean_tau"] * plain_step_ms / round_ms)
+                 if round_ms else None,
+                 "overhead_share": head["median_overhead_ms"] / round_ms if round_ms else None}
+    return {
+        "speedup": head["median_speedup"] if head else None,
+        "mean_accepted": head["mean_tau"] if head else None,
+        "lossless": all(e.get("lossless", True) for e in table if e.get("temperature") == 0.0),
+        "hardware": hardware_line(target),
+        "conditions": {"tree": vars(tree), "repeats": repeats, "max_new_tokens": max_new_tokens,
+                       "cases": [c.name for c in cases], "warmup": "first pass discarded",
+                       "unsupported": unsupported},
+        "ideal": ideal, "methods": table, "rows": [r for rows in results.values() for r in rows],
+    }
+
+
+def hardware_line(target) -> str:
+    if target.device.type == "cuda":
+        dev = torch.cuda.get_device_name(target.device)
+    else:
+        dev = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{dev}; torch {torch.__version__}; {Path(target.name).name} ({target.dtype}); batch 1"
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"Hardware: {report['hardware']}. Tree: {report['conditions']['tree']}, "
+             f"{report['conditions']['max_new_tokens']} new tokens, {len(report['conditions']['cases'])} cases, "
+             "median of interleaved repeats, warm-up discarded.", "",
+             "| Method | T | tokens/s | speedup vs plain | tau | prefill ms | draft ms/round | verify ms/round | "
+             "overhead ms/round | lossless |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for e in report["methods"]:
+        if not e.get("supported"):
+            lines.append(f"| {e['method']} | - | fails on this model: {e.get('reason', '')[:90]} | | | | | | | |")
+            continue
+        lines.append(f"| {e['method']} | {e['temperature']:g} | {fmt(e['median_tokens_per_s'], 1)} | "
+                     f"{fmt(e['median_speedup'])}x | {fmt(e['mean_tau'])} | {fmt(e['median_prefill_ms'], 1)} | "
+                     f"{fmt(e['median_draft_ms'])} | {fmt(e['median_verify_ms'])} | {fmt(e['median_overhead_ms'])} | "
+                     f"{'yes' if e.get('lossless') else ('-' if 'lossless' not in e else 'NO')} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(report: dict) -> str:
+    import plotly.graph_objects as go
+    rows = [r for r in report["rows"] if r.get("speedup") is not None]
+    fig = go.Figure()
+    for m in sorted({r["method"] for r in rows}):
+        sel = [r for r in rows if r["method"] == m]
+        fig.add_bar(name=m, x=[f"{r['case']}" for r in sel], y=[r["speedup"] for r in sel])
+    fig.update_layout(title=f"Speedup vs plain decoding ({report['hardware']})", barmode="group",
+                      yaxis_title="speedup (x)")
+    return fig.to_html(include_plotlyjs="cdn", full_html=True)
+
+
+def write_report(report: dict, json_path=None, markdown_path=None, html_path=None) -> None:
+    for path, text in ((json_path, json.dumps(report, indent=2)), (markdown_path, to_markdown(report) if markdown_path
+                                                                   else None),
+                       (html_path, to_html(report) if html_path else None)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
