@@ -5,9 +5,10 @@ One Llama-style decoder layer over [norm(token embedding) ; norm(target feature)
 lm_head are the target's own, frozen, and are *not* part of the draft's weights: they
 are passed in at run time, so a draft folder stays a few MB.
 
-The draft keeps its own preallocated KV cache written by position (gpt-fast style): the
-committed prefix occupies slots [0, length), tree expansion writes temporary slots after
-it, and committing accepted tokens simply overwrites those slots. Nothing is rolled back.
+Each request keeps a preallocated draft KV cache written by position (gpt-fast style,
+`DraftCache`): the committed prefix occupies slots [0, length), tree expansion writes
+temporary slots after it, and committing accepted tokens simply overwrites those slots.
+Nothing is rolled back.
 """
 from __future__ import annotations
 
@@ -87,6 +88,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class DraftCache:
+    """A request's preallocated draft KV cache [kv_heads, length, head_dim], written by
+    slot. It belongs to the request (the drafter), not to the shared draft weights, so
+    concurrent requests never see each other's state."""
+
+    def __init__(self, kv_heads: int, head_dim: int, length: int, dtype, device):
+        self.k = torch.zeros(kv_heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def ensure_capacity(self, length: int) -> None:
+        """Grow (doubling) when a long generation outruns the preallocation."""
+        if self.k.shape[1] < length:
+            pad = max(length, 2 * self.k.shape[1]) - self.k.shape[1]
+            self.k = F.pad(self.k, (0, 0, 0, pad))
+            self.v = F.pad(self.v, (0, 0, 0, pad))
+
+
 class EagleDraft(nn.Module):
     """The draft network. Batch size 1 at inference (the engine decodes one request)."""
 
@@ -107,8 +125,6 @@ class EagleDraft(nn.Module):
         self.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
         self.compressor = None  # set by specvlm_core.compressor when the draft has one
-        self._k_cache: torch.Tensor | None = None  # [kv_heads, max_len, head_dim]
-        self._v_cache: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -158,22 +174,18 @@ class EagleDraft(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
 
     # ----------------------------------------------------------------- inference path
-    def reset_cache(self, max_length: int | None = None) -> None:
-        cfg = self.config
-        n = max_length or cfg.max_length
+    def new_cache(self, length: int = 1024) -> "DraftCache":
         p = self.fuse.weight
-        if self._k_cache is None or self._k_cache.shape[1] < n or self._k_cache.device != p.device:
-            self._k_cache = torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=p.dtype, device=p.device)
-            self._v_cache = torch.zeros_like(self._k_cache)
+        return DraftCache(self.config.num_kv_heads, self.config.head_dim, length, p.dtype, p.device)
 
     @torch.no_grad()
     def step(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-             slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Run n new inputs against the cache.
+             slots: torch.Tensor, visible: torch.Tensor, cache: "DraftCache") -> torch.Tensor:
+        """Run n new inputs against a request's cache.
 
         embeds, features: [n, H]; positions: [n] rotary positions; slots: [n] cache slots
         to write; visible: [n, L] bool, which cache slots (after writing) each input
-        attends to, L <= cache length. Returns the output features [n, H].
+        attends to. Returns the output features [n, H].
         """
         cfg = self.config
         n = embeds.shape[0]
@@ -184,11 +196,12 @@ class EagleDraft(nn.Module):
         q = apply_rotary(self.q_proj(y).view(n, nh, hd).transpose(0, 1), cos, sin)
         k = apply_rotary(self.k_proj(y).view(n, nkv, hd).transpose(0, 1), cos, sin)
         v = self.v_proj(y).view(n, nkv, hd).transpose(0, 1)
-        self._k_cache[:, slots] = k
-        self._v_cache[:, slots] = v
+        cache.ensure_capacity(visible.shape[1])
+        cache.k[:, slots] = k
+        cache.v[:, slots] = v
         length = visible.shape[1]
-        keys = self._k_cache[:, :length].repeat_interleave(nh // nkv, dim=0)
-        values = self._v_cache[:, :length].repeat_interleave(nh // nkv, dim=0)
+        keys = cache.k[:, :length].repeat_interleave(nh // nkv, dim=0)
+        values = cache.v[:, :length].repeat_interleave(nh // nkv, dim=0)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
         x = x + self.o_proj(attn.transpose(0, 1).reshape(n, nh * hd))
         y = self.mlp_norm(x)

@@ -275,6 +275,7 @@ class EagleDrafter:
         self.embed = target.model.get_input_embeddings()
         self.lm_head = target.model.get_output_embeddings()
         self.length = 0
+        self.cache = None  # this request's DraftCache
         self.last_output: torch.Tensor | None = None  # draft feature after the root [H]
         self.info: dict = {}
 
@@ -293,7 +294,7 @@ class EagleDrafter:
             shifted, features, self.info = self.draft.compressor.compress_sequence(
                 shifted, features, shifted_visual, media)
         n = features.shape[0]
-        self.draft.reset_cache(n + 4096)
+        self.cache = self.draft.new_cache(n + 1024)
         self.length = 0
         self._commit(shifted, features)
 
@@ -301,7 +302,7 @@ class EagleDrafter:
         n = features.shape[0]
         slots = torch.arange(self.length, self.length + n, device=features.device)
         visible = torch.ones(n, self.length + n, dtype=torch.bool, device=features.device).tril(self.length)
-        out = self.draft.step(embeds, features, slots, slots, visible)
+        out = self.draft.step(embeds, features, slots, slots, visible, self.cache)
         self.length += n
         self.last_output = out[-1]
 
@@ -313,49 +314,53 @@ class EagleDrafter:
 
     @torch.no_grad()
     def propose(self, root_token: int, tree: TreeSettings) -> DraftTree:
-        """Grow a dynamic tree of at most tree.total_tokens nodes below root_token."""
+        """Grow a dynamic tree of at most tree.total_tokens nodes below root_token.
+
+        Level 1 comes from the draft's output at the root; each further level runs the
+        draft once on the top_k frontier nodes (slots after the committed prefix, one
+        block of top_k slots per level) and keeps the global top_k children by
+        cumulative log-prob. Bookkeeping is tensor-only: each frontier row carries its
+        visibility over the tree slots, inherited from its parent row.
+        """
         device = self.last_output.device
         k = tree.top_k
-        root_logprobs = self._logprobs(self.last_output[None])
-        tokens, scores, frontier = expand_frontier(torch.zeros(1, device=device), root_logprobs, k)
-        cand_tokens = [tokens.reshape(-1)]
-        cand_scores = [scores.reshape(-1)]
-        cand_parents = [torch.full((tokens.numel(),), -1, dtype=torch.long)]
-        # Per candidate: the draft slot it was expanded in (to build ancestor masks) and
-        # the draft output there (the feature its children are conditioned on).
-        slot_of: dict[int, int] = {}
-        frontier_ids = frontier.cpu()  # candidate indices of the current frontier
-        frontier_features = self.last_output[None].expand(frontier_ids.numel(), -1)
-        frontier_scores = scores.reshape(-1)[frontier]
-        offset = 0
         base = self.length
+        tokens, scores, frontier = expand_frontier(torch.zeros(1, device=device),
+                                                   self._logprobs(self.last_output[None]), k)
+        cand_tokens, cand_scores = [tokens.reshape(-1)], [scores.reshape(-1)]
+        cand_parents = [torch.full((tokens.numel(),), -1, dtype=torch.long, device=device)]
+        cand_depths = [torch.zeros(tokens.numel(), dtype=torch.long, device=device)]
+        n_tree_slots = k * max(0, tree.depth - 1)
+        # frontier_vis[r, j]: frontier row r may attend to tree slot base + j.
+        frontier_vis = torch.zeros(frontier.numel(), n_tree_slots, dtype=torch.bool, device=device)
+        frontier_ids = frontier  # candidate indices of the frontier
+        frontier_features = self.last_output[None].expand(frontier.numel(), -1)
+        frontier_scores = scores.reshape(-1)[frontier]
+        prefix_vis = torch.ones(k, base, dtype=torch.bool, device=device)
+        n_cands = tokens.numel()
         for level in range(1, tree.depth):
             n = frontier_ids.numel()
-            slots = torch.arange(base + (level - 1) * k, base + (level - 1) * k + n)
-            visible = torch.zeros(n, base + (level - 1) * k + n, dtype=torch.bool)
-            visible[:, :base] = True
-            all_parents = torch.cat(cand_parents)
-            for row, cand in enumerate(frontier_ids.tolist()):
-                slot_of[cand] = int(slots[row])
-                node = cand
-                while node >= 0:
-                    visible[row, slot_of[node]] = True
-                    node = int(all_parents[node])
-            all_tokens = torch.cat(cand_tokens)
-            out = self.draft.step(self.embed(all_tokens[frontier_ids].to(device)), frontier_features,
-                                  torch.full((n,), base - 1 + level, device=device), slots.to(device),
-                                  visible.to(device))
+            first = (level - 1) * k
+            frontier_vis[torch.arange(n, device=device), first + torch.arange(n, device=device)] = True
+            visible = torch.cat([prefix_vis[:n], frontier_vis[:, :first + n]], dim=1)
+            out = self.draft.step(self.embed(torch.cat(cand_tokens)[frontier_ids]), frontier_features,
+                                  torch.full((n,), base - 1 + level, device=device),
+                                  torch.arange(base + first, base + first + n, device=device), visible,
+                                  self.cache)
             child_tokens, child_scores, nxt = expand_frontier(frontier_scores, self._logprobs(out), k)
-            offset = sum(t.numel() for t in cand_tokens)
+            per_parent = child_tokens.shape[1]
             cand_tokens.append(child_tokens.reshape(-1))
             cand_scores.append(child_scores.reshape(-1))
-            cand_parents.append(frontier_ids.repeat_interleave(child_tokens.shape[1]))
-            per_parent = child_tokens.shape[1]
-            frontier_features = out[nxt // per_parent]
+            cand_parents.append(frontier_ids.repeat_interleave(per_parent))
+            cand_depths.append(torch.full((child_tokens.numel(),), level, dtype=torch.long, device=device))
+            parent_rows = nxt // per_parent
+            frontier_features = out[parent_rows]
+            frontier_vis = frontier_vis[parent_rows]
             frontier_scores = child_scores.reshape(-1)[nxt]
-            frontier_ids = (nxt + offset).cpu()
+            frontier_ids = nxt + n_cands
+            n_cands += child_tokens.numel()
         return select_tree(root_token, torch.cat(cand_tokens).cpu(), torch.cat(cand_scores).cpu(),
-                           torch.cat(cand_parents), tree.total_tokens)
+                           torch.cat(cand_parents).cpu(), tree.total_tokens, torch.cat(cand_depths).cpu())
 
 
 # ---------------------------------------------------------------------- the loops

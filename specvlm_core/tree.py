@@ -44,15 +44,16 @@ def expand_frontier(frontier_scores: torch.Tensor, child_logprobs: torch.Tensor,
 
 
 def select_tree(root_token: int, cand_tokens: torch.Tensor, cand_scores: torch.Tensor,
-                cand_parents: torch.Tensor, total_tokens: int) -> DraftTree:
+                cand_parents: torch.Tensor, total_tokens: int, cand_depths: torch.Tensor | None = None) -> DraftTree:
     """Keep the total_tokens best candidates and lay them out parents-first.
 
-    cand_*: [N]; cand_parents index into the candidates, -1 meaning the root.
+    cand_*: [N]; cand_parents index into the candidates, -1 meaning the root;
+    cand_depths (0 = child of the root) is derived from the parents when not given.
     Ties are broken towards shallower nodes, and since a child's score never exceeds its
     parent's, every kept node's ancestors are kept too (checked below).
     """
     n_keep = min(total_tokens, int(cand_tokens.shape[0]))
-    depth = candidate_depths(cand_parents)
+    depth = cand_depths if cand_depths is not None else candidate_depths(cand_parents)
     # Sort by score (desc), then depth (asc), then index: lexsort via stable sorts.
     order = torch.arange(cand_tokens.shape[0])
     order = order[torch.sort(depth[order], stable=True).indices]
