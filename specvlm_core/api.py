@@ -51,6 +51,10 @@ def run_generation(target: Target, draft: EagleDraft | None, prompt: str, image=
     sampling.validate()
     tree.validate()
     inputs = prepare_inputs(target, prompt, image=image, video=video)
+    room = target.context_length - inputs["input_ids"].shape[1]
+    if sampling.max_new_tokens > room:  # documented: the answer is cut at the context's end
+        log.warning("max_new_tokens %d exceeds the room left in the context; using %d", sampling.max_new_tokens, room)
+        sampling = engine.SamplingSettings(**{**vars(sampling), "max_new_tokens": room})
     ar = spec = None
     if mode in ("ar", "both"):
         ar = engine.collect(engine.autoregressive_stream(target, inputs, sampling))

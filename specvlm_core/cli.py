@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import sys
+from pathlib import Path
 
 from .errors import SpecVLMError
 
@@ -42,6 +43,10 @@ def cmd_generate(args) -> int:
     tree = engine.TreeSettings(top_k=args.tree_top_k, depth=args.tree_depth, total_tokens=args.tree_total)
     sampling.validate()
     tree.validate()
+    if not args.prompt.strip():
+        raise SpecVLMError("the prompt is empty")
+    if args.draft is not None and not Path(args.draft).is_dir():
+        raise SpecVLMError(f"draft folder not found: {args.draft}")
     target = load_target(args.model, device=args.device)
     draft = None
     if args.mode != "ar":
@@ -230,9 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for our own messages: no per-tensor loading bars from transformers."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except SpecVLMError as exc:

@@ -226,6 +226,8 @@ def _sniff(header: bytes) -> str | None:
     if header[4:8] == b"ftyp":  # ISO media: mp4/mov/m4v, but also HEIC and AVIF stills
         still_brands = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif", b"avis")
         return "image" if header[8:12] in still_brands else "video"
+    if header[:1] == b"\x47" and len(header) > 188 and header[188:189] == b"\x47":
+        return "video"  # MPEG transport stream: a sync byte every 188 bytes
     if header.startswith((b"\x1a\x45\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba",
                           b"\x00\x00\x01\xb3", b"\x30\x26\xb2\x75\x8e\x66\xcf\x11")):
         return "video"  # Matroska/WebM, FLV, Ogg, MPEG-PS, MPEG-1/2 video, ASF/WMV
@@ -247,7 +249,7 @@ class _MediaFile:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
             cls._check_size(len(data), label, limits)
-            return cls(None, data, label, _display_name(source, name), _sniff(data[:16]))
+            return cls(None, data, label, _display_name(source, name), _sniff(data[:192]))
         if not isinstance(source, (str, os.PathLike)):
             raise _error(label, f"expected a file path or bytes, got {type(source).__name__}.")
         path = os.fspath(source)
@@ -257,7 +259,7 @@ class _MediaFile:
             raise _error(label, "it is a folder, not a file.")
         cls._check_size(os.path.getsize(path), label, limits)
         with open(path, "rb") as handle:
-            header = handle.read(16)
+            header = handle.read(192)
         return cls(path, None, label, _display_name(source, name), _sniff(header))
 
     @staticmethod
@@ -449,8 +451,33 @@ def _clip_from_animation(image: Image.Image, file: _MediaFile, count: int,
     return Clip(frames, timestamps, total / elapsed, total, file.name)
 
 
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """decord's C++ core logs decoding failures straight to file descriptor 2; the
+    user gets our one-line MediaError instead, so those lines are dropped."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _clip_from_video(file: _MediaFile, count: int, limits: MediaLimits) -> Clip:
     """Sampled frames of a video file, decoding only those frames, at the bounded size."""
+    if file.signature is None:
+        raise _error(file.label, "it is not an image or video file (unrecognised format).")
+    with _native_stderr_silenced():
+        return _decode_video(file, count, limits)
+
+
+def _decode_video(file: _MediaFile, count: int, limits: MediaLimits) -> Clip:
     try:
         reader = decord.VideoReader(file.stream())
         total = len(reader)

@@ -70,6 +70,10 @@ class Target:
         return self.model.get_output_embeddings().weight.shape[0]
 
     @property
+    def context_length(self) -> int:
+        return int(getattr(self.text_config, "max_position_embeddings", 32768) or 32768)
+
+    @property
     def supports_video(self) -> bool:
         return self.family in VIDEO_FAMILIES
 
@@ -179,6 +183,10 @@ def prepare_inputs(target: Target, prompt: str, image=None, video=None) -> dict:
         kwargs["videos"] = [list(video)]
         kwargs["do_sample_frames"] = False
     batch = proc(text=[text], return_tensors="pt", **kwargs)
+    n_tokens = batch["input_ids"].shape[1]
+    if n_tokens >= target.context_length:
+        raise InputError(f"the prompt with its media is {n_tokens} tokens, more than the model's context of "
+                         f"{target.context_length}; shorten the question or use fewer frames / a smaller image")
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
