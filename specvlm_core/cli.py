@@ -147,6 +147,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_gpu_bench(args) -> int:
+    from .gpu_bench import run
+    report = run(device=args.device, tiny=args.tiny, suite=args.suite, out=args.json)
+    print(json.dumps({k: v for k, v in report.items() if k != "embedded_suite"}, indent=2))
+    if "embedded_suite" in report:
+        print(f"embedded suite: speedup {report['embedded_suite']['speedup']}, "
+              f"tau {report['embedded_suite']['mean_accepted']}, lossless {report['embedded_suite']['lossless']}")
+    return 0
+
+
 def cmd_examples(args) -> int:
     from .examples import write_examples
     write_examples(args.out)
@@ -228,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", default=None, help="write the table as Markdown")
     b.add_argument("--html", default=None, help="write a plotly chart as HTML")
     b.set_defaults(func=cmd_bench)
+
+    gb = sub.add_parser("gpu-bench", help="verify-latency and draft-cost curves of real architectures "
+                                         "(random weights, no network) plus the embedded suite, on one GPU")
+    gb.add_argument("--device", default="auto")
+    gb.add_argument("--tiny", action="store_true", help="shrunken configs: checks the code path on a CPU")
+    gb.add_argument("--suite", default="quick", choices=["quick", "default"])
+    gb.add_argument("--json", default="gpu_bench.json")
+    gb.set_defaults(func=cmd_gpu_bench)
 
     x = sub.add_parser("examples", help="write the example images and clips")
     x.add_argument("--out", default="assets/examples")

@@ -221,9 +221,13 @@ class TargetRunner:
         inputs = dict(inputs)
         seq_len = inputs["input_ids"].shape[1]
         if self.target.family == "qwen2_vl":
-            position_ids, deltas = self._rope_index(inputs)
-            inputs["position_ids"] = position_ids
-            self.rope_delta = int(deltas.reshape(-1)[0])
+            if inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None:
+                self.rope_delta = 0  # text only: M-RoPE reduces to plain positions
+                inputs["position_ids"] = self._positions(torch.arange(seq_len))
+            else:
+                position_ids, deltas = self._rope_index(inputs)
+                inputs["position_ids"] = position_ids
+                self.rope_delta = int(deltas.reshape(-1)[0])
         self.cache = DynamicCache(config=self.model.config)
         out = self._forward(**inputs, past_key_values=self.cache, logits_to_keep=1)
         self.length = seq_len
