@@ -174,6 +174,16 @@ class EagleDraft(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
 
     # ----------------------------------------------------------------- inference path
+    def _rotary_cache(self, length: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for positions [0, length), computed once and grown by doubling:
+        recomputing them every tree step is a measurable share of a CPU round."""
+        table = getattr(self, "_rotary", None)
+        if table is None or table[0].shape[0] < length or table[0].dtype != dtype or table[0].device != device:
+            n = max(length, 2 * (table[0].shape[0] if table is not None else 1024))
+            table = rotary_tables(torch.arange(n, device=device), self.config.head_dim, self.config.rope_theta, dtype)
+            self._rotary = table  # a pure function of the config: safe to share across requests
+        return table
+
     def new_cache(self, length: int = 1024) -> "DraftCache":
         p = self.fuse.weight
         return DraftCache(self.config.num_kv_heads, self.config.head_dim, length, p.dtype, p.device)
@@ -191,7 +201,8 @@ class EagleDraft(nn.Module):
         n = embeds.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         x = self.fuse(torch.cat([self.norm_embed(embeds), self.norm_feature(features)], dim=-1))
-        cos, sin = rotary_tables(positions, hd, cfg.rope_theta, x.dtype)
+        cos_table, sin_table = self._rotary_cache(int(positions.max()) + 1, x.dtype, x.device)
+        cos, sin = cos_table[positions], sin_table[positions]
         y = self.attn_norm(x)
         q = apply_rotary(self.q_proj(y).view(n, nh, hd).transpose(0, 1), cos, sin)
         k = apply_rotary(self.k_proj(y).view(n, nkv, hd).transpose(0, 1), cos, sin)
