@@ -107,7 +107,7 @@ def measure_costs(target, draft, example, sizes=(1, 2, 4, 8, 16, 32, 64), repeat
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
             runner.verify(tree)
-            engine._sync(target.device)
+            engine.sync_device(target.device)
             times.append((time.perf_counter() - t0) * 1000)
             engine.compact_cache(runner.cache, runner.length, [])  # back to the bare context
         verify[n] = sorted(times[1:])[len(times[1:]) // 2]
@@ -120,7 +120,7 @@ def measure_costs(target, draft, example, sizes=(1, 2, 4, 8, 16, 32, 64), repeat
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
             drafter.propose(root, engine.TreeSettings(top_k=k, depth=4, total_tokens=k))
-            engine._sync(target.device)
+            engine.sync_device(target.device)
             times.append((time.perf_counter() - t0) * 1000 / 4)
         draft_ms[k] = sorted(times[1:])[len(times[1:]) // 2]
     return {"verify_ms": verify, "draft_step_ms": draft_ms}

@@ -401,7 +401,7 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if getattr(device, "type", "cpu") == "cuda":
         torch.cuda.synchronize(device)
 
@@ -416,7 +416,7 @@ def autoregressive_stream(target, inputs: dict, sampling: SamplingSettings) -> I
     start = time.perf_counter()
     logits, _, _ = runner.prefill(inputs)
     token = pick_token(logits, sampling, gen)
-    _sync(target.device)
+    sync_device(target.device)
     prefill_ms = _ms(start)
     step = 0
     while True:
@@ -444,7 +444,7 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
     start = time.perf_counter()
     logits, features, embeds = runner.prefill(inputs)
     root = pick_token(logits, sampling, gen)
-    _sync(target.device)
+    sync_device(target.device)
     prefill_ms = _ms(start)
     kept, new_text = emitter.emit([root])
     yield RoundEvent("spec", 0, kept, new_text, emitter.text, len(emitter.tokens), time.perf_counter() - start,
@@ -461,11 +461,11 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
         round_no += 1
         t_round = time.perf_counter()
         draft_tree = drafter.propose(root, tree)
-        _sync(target.device)
+        sync_device(target.device)
         draft_ms = _ms(t_round)
         t0 = time.perf_counter()
         tree_logits, tree_features = runner.verify(draft_tree)
-        _sync(target.device)
+        sync_device(target.device)
         verify_ms = _ms(t0)
         t_draft_commit = 0.0
         target_choice = None

@@ -76,10 +76,10 @@ def build_random_target(name: str, device: torch.device, tiny: bool = False) -> 
 def _timed(fn, device, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):
-        engine._sync(device)
+        engine.sync_device(device)
         t0 = time.perf_counter()
         fn()
-        engine._sync(device)
+        engine.sync_device(device)
         times.append((time.perf_counter() - t0) * 1000)
     times = sorted(times[1:])
     return times[len(times) // 2]
