@@ -157,6 +157,20 @@ def cmd_gpu_bench(args) -> int:
     return 0
 
 
+def cmd_scaling(args) -> int:
+    from .distill import scaling_curve, write_scaling_report
+    if not Path(args.log).is_file():
+        raise SpecVLMError(f"log file not found: {args.log}")
+    curve = scaling_curve(args.log, args.steps_per_epoch)
+    if not curve:
+        raise SpecVLMError("no tau measurements at epoch boundaries in the log (run distill with "
+                           "--eval-every equal to the steps per epoch)")
+    write_scaling_report(curve, args.out)
+    for c in curve:
+        print(f"epoch {c['epoch']}: tau {c['tau']:.2f} (top-1 {c['top1']:.2f})")
+    return 0
+
+
 def cmd_examples(args) -> int:
     from .examples import write_examples
     write_examples(args.out)
@@ -238,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", default=None, help="write the table as Markdown")
     b.add_argument("--html", default=None, help="write a plotly chart as HTML")
     b.set_defaults(func=cmd_bench)
+
+    sc = sub.add_parser("scaling", help="tau after each epoch of a distill run (JSON + plotly HTML)")
+    sc.add_argument("--log", required=True, help="the run's --json-log file")
+    sc.add_argument("--steps-per-epoch", type=int, required=True)
+    sc.add_argument("--out", default="docs")
+    sc.set_defaults(func=cmd_scaling)
 
     gb = sub.add_parser("gpu-bench", help="verify-latency and draft-cost curves of real architectures "
                                          "(random weights, no network) plus the embedded suite, on one GPU")

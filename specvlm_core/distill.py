@@ -655,3 +655,29 @@ class DistillJob:
             return str(out)
         ckpts = list_checkpoints(out)
         return str(ckpts[-1]) if ckpts else None
+
+
+# ------------------------------------------------------------- scaling report
+
+def scaling_curve(json_log: str | Path, steps_per_epoch: int) -> list[dict]:
+    """tau measured at each epoch boundary of a run's --json-log (eval_every must be
+    the epoch length): [{"epoch", "step", "tau", "top1", "loss"}]."""
+    rows = [json.loads(line) for line in Path(json_log).read_text().splitlines() if line.strip()]
+    curve = []
+    for r in rows:
+        if "tau" in r and r["step"] % steps_per_epoch == 0:
+            curve.append({"epoch": r["step"] // steps_per_epoch, "step": r["step"], "tau": round(r["tau"], 4),
+                          "top1": round(r["top1"], 4), "loss": round(r["loss"], 4)})
+    return curve
+
+
+def write_scaling_report(curve: list[dict], out_dir: str | Path, title: str = "Training-time scaling") -> None:
+    """scaling.json and scaling.html (plotly) in out_dir."""
+    import plotly.graph_objects as go
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(curve, indent=2))
+    fig = go.Figure(go.Scatter(x=[c["epoch"] for c in curve], y=[c["tau"] for c in curve], mode="lines+markers",
+                               name="tau"))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="tau (mean accepted per round)")
+    (out / "scaling.html").write_text(fig.to_html(include_plotlyjs="cdn"))
