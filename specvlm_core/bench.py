@@ -246,3 +246,81 @@ def write_report(report: dict, json_path=None, markdown_path=None, html_path=Non
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
+
+
+# ---------------------------------------------------------------------- ablation
+
+ABLATION_OPTIONS = ("eagle", "prune_random:4", "prune_random:16", "prune_guided:4", "prune_guided:16", "pool:4",
+                    "pool:16", "conv:4", "resampler:2", "text_only:0", "select")
+
+
+def ablation_cases() -> dict[str, list[Case]]:
+    """Small images, large images and clips, T=0 (the paper's ablation setting)."""
+    base = world.EVAL_SEED + 11 * 10**6
+    return {
+        "small images": [_world_case(f"img{s}", base + i, "image", 0.0, s, task="describe")
+                         for i, s in enumerate((64, 96, 128))],
+        "large images": [_world_case(f"img{s}", base + 10 + i, "image", 0.0, s, task="describe")
+                         for i, s in enumerate((320, 352, 384))],
+        "clips": [_world_case(f"clip{f}", base + 20 + i, "video", 0.0, frames=f, task="describe")
+                  for i, f in enumerate((8, 12, 16))],
+    }
+
+
+def run_ablation(target, draft, options=ABLATION_OPTIONS, max_new_tokens: int = 64,
+                 tree: engine.TreeSettings | None = None, progress=None) -> list[dict]:
+    """tau and speedup vs plain for the draft without compressor ("eagle"), each
+    primitive forced at its ratio, and the gate's own choice ("select"), per input
+    group. Plain decoding is re-timed next to every option (interleaved)."""
+    from .compressor import Option
+    tree = tree or engine.TreeSettings()
+    comp = draft.compressor
+    rows = []
+    groups = ablation_cases()
+    for group, cases in groups.items():
+        for case in cases:
+            inputs = prepare_inputs(target, case.prompt, image=case.image, video=case.video)
+            media = {"image": case.image, "video": case.video}
+            sampling = engine.SamplingSettings(max_new_tokens=max_new_tokens)
+            run_plain(target, inputs, sampling)  # warm-up
+            for opt in options:
+                draft.compressor = None if opt == "eagle" else comp
+                if comp is not None:
+                    comp.forced = None if opt in ("eagle", "select") else Option.parse(opt)
+                try:
+                    plain = run_plain(target, inputs, sampling)
+                    spec = run_spec(target, inputs, sampling, draft=draft, tree=tree, media=media)
+                finally:
+                    draft.compressor = comp
+                    if comp is not None:
+                        comp.forced = None
+                first = spec.events[1].info if len(spec.events) > 1 else {}
+                rows.append({"group": group, "case": case.name, "option": opt, "tau": spec.mean_accepted,
+                             "speedup": plain.seconds / spec.seconds, "lossless": spec.token_ids == plain.token_ids,
+                             "visual_before": first.get("visual_tokens_before"),
+                             "visual_after": first.get("visual_tokens_after"),
+                             "draft_prefill_ms": first.get("draft_prefill_ms"),
+                             "chosen": f"{first.get('primitive')}:{first.get('ratio')}" if opt == "select" else None})
+            if progress:
+                progress(group, case.name)
+    return rows
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """Markdown: one row per option, speedup / tau per input group (means over cases)."""
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    options = list(dict.fromkeys(r["option"] for r in rows))
+    lines = ["| option | " + " | ".join(f"{g}: speedup / tau / visual tokens" for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for opt in options:
+        cells = []
+        for g in groups:
+            sel = [r for r in rows if r["group"] == g and r["option"] == opt]
+            sp = statistics.mean(r["speedup"] for r in sel)
+            tau = statistics.mean(r["tau"] for r in sel)
+            after = [r["visual_after"] for r in sel if r["visual_after"] is not None]
+            before = [r["visual_before"] for r in sel if r["visual_before"] is not None]
+            vis = f"{statistics.mean(after):.0f}/{statistics.mean(before):.0f}" if after else "all"
+            cells.append(f"{sp:.2f}x / {tau:.2f} / {vis}")
+        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -171,6 +171,25 @@ def cmd_scaling(args) -> int:
     return 0
 
 
+def cmd_ablation(args) -> int:
+    from . import api, bench
+    from .models import load_target
+    api.set_threads(args.threads)
+    target = load_target(args.model, device=args.device)
+    draft, source = api.load_draft(target, args.draft)
+    if draft.compressor is None:
+        raise SpecVLMError(f"the draft {source} has no compressor; train one with distill --compressor select")
+    rows = bench.run_ablation(target, draft, max_new_tokens=args.max_new_tokens,
+                              progress=lambda g, c: print(f"{g}: {c}", file=sys.stderr))
+    table = bench.ablation_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table)
+    return 0
+
+
 def cmd_examples(args) -> int:
     from .examples import write_examples
     write_examples(args.out)
@@ -252,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", default=None, help="write the table as Markdown")
     b.add_argument("--html", default=None, help="write a plotly chart as HTML")
     b.set_defaults(func=cmd_bench)
+
+    ab = sub.add_parser("ablation", help="compressor ablation: tau and speedup per primitive, ratio and mode")
+    _add_model_args(ab)
+    ab.add_argument("--draft", default=None)
+    ab.add_argument("--max-new-tokens", type=int, default=64)
+    ab.add_argument("--json", default=None)
+    ab.add_argument("--markdown", default=None)
+    ab.set_defaults(func=cmd_ablation)
 
     sc = sub.add_parser("scaling", help="tau after each epoch of a distill run (JSON + plotly HTML)")
     sc.add_argument("--log", required=True, help="the run's --json-log file")

@@ -105,6 +105,7 @@ class VisualCompressor(nn.Module):
         self.lambda_cost = lambda_cost
         self.ms_per_token = ms_per_token
         self.explore = explore
+        self.forced: Option | None = None  # ablations: bypass the gate with one option
         k = max(1, round(math.sqrt(conv_ratio)))
         self.conv = nn.Conv2d(2 * hidden, 2 * hidden, kernel_size=k, stride=k, groups=2 * hidden)
         self.conv_mix = nn.Linear(2 * hidden, 2 * hidden)
@@ -237,6 +238,10 @@ class VisualCompressor(nn.Module):
     def _select(self, v_emb, v_feat, grid, embeds, features, visual_mask, training):
         n = v_emb.shape[0]
         cost = None
+        if self.forced is not None:
+            out_e, out_f, src, cells = self.apply_option(self.forced, v_emb, v_feat, grid)
+            return out_e, out_f, src, cells, {"primitive": self.forced.primitive, "ratio": self.forced.ratio,
+                                              "forced": True}
         if len(self.options) == 1:
             choice, weight, probs = 0, None, torch.ones(1)
         else:
