@@ -40,9 +40,16 @@ def cmd_generate(args) -> int:
     api.set_threads(args.threads)
     sampling = engine.SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-    tree = engine.TreeSettings(top_k=args.tree_top_k, depth=args.tree_depth, total_tokens=args.tree_total)
+    if (args.tree_top_k, args.tree_depth, args.tree_total) != (None, None, None):
+        default = engine.TreeSettings()
+        tree = engine.TreeSettings(top_k=default.top_k if args.tree_top_k is None else args.tree_top_k,
+                                   depth=default.depth if args.tree_depth is None else args.tree_depth,
+                                   total_tokens=default.total_tokens if args.tree_total is None else args.tree_total)
+    else:
+        tree = parse_tree(args.tree)
     sampling.validate()
-    tree.validate()
+    if tree != "auto":
+        tree.validate()
     if not args.prompt.strip():
         raise SpecVLMError("the prompt is empty")
     if args.draft is not None and not Path(args.draft).is_dir():
@@ -51,6 +58,9 @@ def cmd_generate(args) -> int:
     draft = None
     if args.mode != "ar":
         draft, _ = api.load_draft(target, args.draft)
+        tree = resolve_tree(tree, target, draft, verbose=not args.json)
+    elif tree == "auto":
+        tree = engine.TreeSettings()
     result = api.run_generation(target, draft, args.prompt, image=image, video=video, mode=args.mode,
                                 sampling=sampling, tree=tree)
     if args.json:
@@ -216,9 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--frames", type=int, default=None, help="frames sampled from a video (default 8)")
-    g.add_argument("--tree-top-k", type=int, default=4)
-    g.add_argument("--tree-depth", type=int, default=6)
-    g.add_argument("--tree-total", type=int, default=16, help="draft nodes verified per round")
+    g.add_argument("--tree", default="auto",
+                   help="auto (default: measured for this device, model and draft; cached) or top_k,depth,total")
+    g.add_argument("--tree-top-k", type=int, default=None, help="fix the tree's top_k (others default to 4,6,16)")
+    g.add_argument("--tree-depth", type=int, default=None)
+    g.add_argument("--tree-total", type=int, default=None, help="draft nodes verified per round")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 

@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "SPECVLM_CACHE" not in os.environ:  # auto-tree measurements: never touch the user's cache
+    import tempfile
+    os.environ["SPECVLM_CACHE"] = tempfile.mkdtemp(prefix="specvlm-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
