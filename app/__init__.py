@@ -4,8 +4,10 @@
     demo = build_demo(state); launch(demo)
 
 Modules: `state` (the shared model, per-session record), `runner` (a comparison on a
-worker thread), `handlers` (event functions), `render` (HTML), `plots` (plotly
-figures), `ui` (layout and launch).
+worker thread), `tasks` (benchmark, auto tree, per-run compressor views, a generic
+worker), `training` (the app-wide distillation job, uploads, runs/), `handlers` (event
+functions), `render` (HTML), `plots` (plotly figures), `overlay` (the compressor's kept
+cells drawn on the input), `ui` (layout and launch).
 """
 from .state import AppState, LoadOptions, Session
 from .ui import build_demo, launch

@@ -191,3 +191,70 @@ def speedup_figure(ar_events, spec_events) -> go.Figure:
     fig.update_layout(height=440, margin=dict(l=10, r=10, t=40, b=30), plot_bgcolor="white",
                       legend=dict(orientation="h", y=-0.15, x=0))
     return fig
+
+
+# ------------------------------------------------------------------ Train tab
+
+TRAIN_CURVES = (("loss_logit", "loss_logit (CE to teacher logits)"), ("loss_feat", "loss_feat (SmoothL1 to features)"),
+                ("top1", "top-1 agreement with the teacher"), ("tau", "τ on held-out prompts (eval steps)"))
+
+
+def training_figure(metrics: list[dict]) -> go.Figure:
+    """loss_logit, loss_feat, top1 and tau (only on evaluation steps) over steps."""
+    if not metrics:
+        return empty_figure("No training metrics yet: press Start.")
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[title for _, title in TRAIN_CURVES],
+                        horizontal_spacing=0.1, vertical_spacing=0.16)
+    for i, (key, _) in enumerate(TRAIN_CURVES):
+        points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        sparse = key == "tau"
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers" if sparse or len(xs) < 30 else "lines",
+                                 line=dict(color=SPEC_COLOUR if key != "tau" else ACCEPTED, width=2),
+                                 marker=dict(size=7 if sparse else 4), name=key, showlegend=False),
+                      row=i // 2 + 1, col=i % 2 + 1)
+    fig.update_xaxes(title_text="step", row=2)
+    fig.update_layout(height=460, margin=dict(l=10, r=10, t=40, b=30), plot_bgcolor="white")
+    return fig
+
+
+# -------------------------------------------------------------- Benchmark tab
+
+METHOD_COLOURS = {"prompt_lookup": "#a855f7", "eagle": "#0ea5e9", "specvlm": SPEC_COLOUR, "plain": AR_COLOUR}
+
+
+def benchmark_figure(report: dict | None) -> go.Figure:
+    """Per-case speedup over plain decoding, one bar group per case, one bar per method."""
+    rows = [r for r in (report or {}).get("rows", []) if r.get("speedup") is not None and r["method"] != "plain"]
+    if not rows:
+        return empty_figure("No benchmark yet: press Run benchmark.")
+    fig = go.Figure()
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by_case = {r["case"]: r for r in rows if r["method"] == method}
+        fig.add_trace(go.Bar(name=method, x=cases, y=[by_case[c]["speedup"] if c in by_case else None for c in cases],
+                             marker_color=METHOD_COLOURS.get(method),
+                             hovertext=[f"{method} on {c}: τ {by_case[c]['tau']:.2f}" if c in by_case
+                                        and by_case[c].get("tau") is not None else method for c in cases]))
+    fig.add_hline(y=1.0, line=dict(color="#94a3b8", dash="dot"))
+    fig.update_layout(barmode="group", height=380, title=dict(text="Speedup vs plain decoding, per case", x=0.01),
+                      yaxis_title="speedup (×)", margin=dict(l=10, r=10, t=50, b=30), plot_bgcolor="white",
+                      legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return fig
+
+
+# ------------------------------------------------------------- Compressor tab
+
+def gate_figure(gate: dict | None, chosen: str | None = None) -> go.Figure:
+    """The gate's probability per option (or per primitive, in weighted mode); the chosen
+    option highlighted."""
+    if not gate:
+        return empty_figure("No gate in the last run (compressor off, or a fixed option).")
+    names = list(gate)
+    colours = [ACCEPTED if name == chosen else OTHER for name in names]
+    fig = go.Figure(go.Bar(x=names, y=[gate[n] for n in names], marker_color=colours,
+                           text=[f"{gate[n]:.2f}" for n in names], textposition="outside"))
+    fig.update_layout(height=320, title=dict(text="Gate probabilities (green: chosen)", x=0.01),
+                      yaxis=dict(title="probability", range=[0, 1.1]), margin=dict(l=10, r=10, t=50, b=30),
+                      plot_bgcolor="white")
+    return fig

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from pathlib import Path
 
 ROUND_HUES = (205, 130, 35, 280, 0, 170, 55, 320, 95, 245)  # one hue per round, cycling
 
@@ -213,6 +214,54 @@ def error_html(message: str) -> str:
     return f'<div class="svlm-error" data-testid="error">⚠️ {html.escape(message)}</div>'
 
 
+# -------------------------------------------------------------------- Train tab
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def train_status_html(status: dict | None, metrics: list[dict], owner_is_me: bool = False, owned: bool = False,
+                      note: str = "", out_dir: str | None = None, message: str | None = None,
+                      error: bool = False) -> str:
+    """Progress bar and one status line of the training job (state, step/total, epoch,
+    ETA, last losses and tau), plus the last message."""
+    extra = ""
+    if message:
+        extra = (f'<div class="svlm-error" data-testid="train-message">⚠️ {html.escape(message)}</div>' if error
+                 else f'<div class="svlm-dim" data-testid="train-message">{html.escape(message)}</div>')
+    if status is None:
+        return (f'<div class="svlm-train" data-state="idle" data-testid="train-status"><b>No training job yet.</b> '
+                f'<span class="svlm-dim">Choose data and settings, then press Start.</span>{extra}</div>')
+    state, step, total = status["state"], status["step"], status["total_steps"] or 0
+    pct = 100.0 * step / total if total else 0.0
+    parts = [f"<b>{html.escape(state)}</b>", f"step {step}/{total or '?'}", f"epoch {status['epoch']:.3f}"]
+    if state in ("running", "paused", "idle"):
+        parts.append(f"ETA {duration(status.get('eta_s'))}")
+    last = metrics[-1] if metrics else None
+    if last:
+        parts.append(f"loss {last['loss']:.3f} · top-1 {last['top1']:.2f}")
+    taus = [m["tau"] for m in metrics if m.get("tau") is not None]
+    if taus:
+        parts.append(f"τ {taus[-1]:.2f}")
+    who = "started here" if owner_is_me else ("started by another session" if owned else "")
+    facts = " · ".join(x for x in (html.escape(note), f"→ runs/{html.escape(Path(out_dir).name)}" if out_dir else "",
+                                    who) if x)
+    msg = status.get("message") or ""
+    return (f'<div class="svlm-train" data-state="{html.escape(state)}" data-step="{step}" data-total="{total}" '
+            f'data-testid="train-status">'
+            f'<div class="svlm-bar"><div class="svlm-bar-fill svlm-bar-{html.escape(state)}" '
+            f'style="width:{pct:.1f}%"></div></div>'
+            f'<div>{" · ".join(parts)}</div>'
+            f'<div class="svlm-dim">{facts}{" · " + html.escape(msg) if msg else ""}</div>{extra}</div>')
+
+
 CSS = """
 .svlm-text { white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word;
   font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 14px;
@@ -233,5 +282,11 @@ CSS = """
 .svlm-badge-ok { background: #dcfce7; color: #166534; }
 .svlm-badge-bad { background: #fee2e2; color: #991b1b; }
 .svlm-badge-info { background: #e0e7ff; color: #3730a3; }
+.svlm-bar { height: 10px; background: var(--border-color-primary); border-radius: 5px; overflow: hidden;
+  margin: 4px 0 6px; }
+.svlm-bar-fill { height: 100%; background: #2563eb; transition: width 0.4s; }
+.svlm-bar-paused { background: #f59e0b; } .svlm-bar-finished { background: #16a34a; }
+.svlm-bar-cancelled, .svlm-bar-failed { background: #94a3b8; }
+.svlm-train { font-size: 14px; }
 .svlm-error { background: #fef2f2; color: #991b1b; border: 1px solid #fecaca; border-radius: 6px; padding: 8px 12px; }
 """

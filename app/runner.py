@@ -18,6 +18,8 @@ from specvlm_core import engine
 from specvlm_core.errors import SpecVLMError
 from specvlm_core.models import prepare_inputs
 
+from .tasks import draft_for_mode
+
 log = logging.getLogger("specvlm_app")
 
 
@@ -25,15 +27,20 @@ class ComparisonRun:
     """Plain then speculative decoding of one input, on a worker thread.
 
     Messages on `self.queue`: ("waiting", None) while another run holds the model,
-    ("started", None), ("ar", RoundEvent), ("spec", RoundEvent), then exactly one of
-    ("done", None), ("error", message) or ("stopped", None).
+    ("started", {"draft_source", "compressor", "compressor_note"}), ("ar", RoundEvent),
+    ("spec", RoundEvent), then exactly one of ("done", None), ("error", message) or
+    ("stopped", None).
+
+    compressor: the draft's compressor for this run (see `tasks.draft_for_mode`: "off",
+    a mode, or None for the draft as it is); the shared draft itself is never changed.
     """
 
     def __init__(self, app_state, prompt: str, image, video, sampling: engine.SamplingSettings,
-                 tree: engine.TreeSettings):
+                 tree: engine.TreeSettings, compressor: str | None = None):
         self.state = app_state
         self.prompt, self.image, self.video = prompt, image, video
         self.sampling, self.tree = sampling, tree
+        self.compressor = compressor
         self.queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="specvlm-run", daemon=True)
@@ -67,10 +74,13 @@ class ComparisonRun:
             if self._stop.is_set():
                 self.queue.put(("stopped", None))
                 return
-            self.queue.put(("started", None))
             target = self.state.target
+            # Read under the lock: "Use this draft" swaps the shared draft under it too.
+            draft, note = draft_for_mode(self.state.draft, self.compressor, self.state.compressors)
+            self.queue.put(("started", {"draft_source": self.state.draft_source, "compressor": self.compressor,
+                                        "compressor_note": note}))
             inputs = prepare_inputs(target, self.prompt, image=self.image, video=self.video)
-            drafter = engine.EagleDrafter(self.state.draft, target)
+            drafter = engine.EagleDrafter(draft, target)
             media = {"image": self.image, "video": self.video}
             streams = (("ar", lambda: engine.autoregressive_stream(target, inputs, self.sampling)),
                        ("spec", lambda: engine.speculative_stream(target, drafter, inputs, self.sampling,

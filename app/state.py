@@ -3,19 +3,26 @@
 
 The model loads once, in a background thread when the app starts, so the page can show
 its progress; every generation then runs under `AppState.lock`, one at a time, so the
-plain-vs-SpecVLM wall-clock comparison is never skewed by another user's run.
+plain-vs-SpecVLM wall-clock comparison is never skewed by another user's run. The
+benchmark and the auto-tree measurement hold the lock for their whole run too; a
+training job takes it around each forward of the target (see `training`); "Use this
+draft" swaps the draft under it.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from specvlm_core import api, engine
-from specvlm_core.errors import ModelLoadError, SpecVLMError
-from specvlm_core.models import DEFAULT_MODEL, load_target, prepare_inputs, resolve_device
+from specvlm_core.errors import SpecVLMError
+from specvlm_core.models import DEFAULT_MODEL, check_load_options, load_target, prepare_inputs
+
+from .tasks import AutoTreeCache, CompressorCache
+from .training import TrainingManager
 
 log = logging.getLogger("specvlm_app")
 
@@ -54,6 +61,12 @@ class AppState:
         self.done = threading.Event()  # set once loading succeeded or failed
         self.lock = threading.Lock()  # one generation at a time on the shared model
         self._thread: threading.Thread | None = None
+        self.startup_draft = None  # the draft loaded at start ("Use this draft" can go back to it)
+        self.startup_source: str | None = None
+        self.runs_dir: Path | None = None  # where Train writes; None: ./runs at the time of use
+        self.auto_tree = AutoTreeCache(self)
+        self.compressors = CompressorCache()
+        self.training = TrainingManager(self)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -66,6 +79,7 @@ class AppState:
         if draft is None:
             draft, draft_source = api.load_draft(target, None)
         state.draft, state.draft_source = draft, draft_source or "given"
+        state.startup_draft, state.startup_source = state.draft, state.draft_source
         if warmup:
             state._warmup()
         state.load_seconds = 0.0
@@ -79,16 +93,11 @@ class AppState:
 
     def precheck(self) -> None:
         """Fail fast, before any server starts, on options that cannot work here: a GPU
-        that is not there, 4/8-bit weights without CUDA, a model folder that does not
-        exist. Raises ModelLoadError (load_target repeats these checks)."""
+        that is not there, 4/8-bit weights without CUDA, a model or draft folder that
+        does not exist. Raises ModelLoadError (`models.check_load_options`, which
+        load_target runs again)."""
         opts = self.options
-        device = resolve_device(opts.device)
-        if (opts.load_in_4bit or opts.load_in_8bit) and device.type != "cuda":
-            raise ModelLoadError("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); drop "
-                                 "--load-in-4bit/--load-in-8bit to run on the CPU")
-        for what, path in (("model", opts.model or DEFAULT_MODEL), ("draft", opts.draft)):
-            if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-                raise ModelLoadError(f"{what} folder not found: {path}")
+        check_load_options(opts.model, opts.device, opts.load_in_4bit, opts.load_in_8bit, draft=opts.draft)
 
     def load(self) -> None:
         """Load target and draft (and warm them up); never raises a SpecVLMError: a
@@ -104,6 +113,7 @@ class AppState:
                             "loading draft ...")
             draft, source = api.load_draft(target, opts.draft)
             self.target, self.draft, self.draft_source = target, draft, source
+            self.startup_draft, self.startup_source = draft, source
             if opts.warmup:
                 self._set_phase("warming up ...")
                 self._warmup()
@@ -141,6 +151,16 @@ class AppState:
                                                          engine.TreeSettings(), media=None))
         except Exception as exc:  # warm-up is an optimisation only
             log.warning("warm-up skipped: %s", exc)
+
+    # ------------------------------------------------------------------- drafts
+    def runs_folder(self) -> Path:
+        return (self.runs_dir or Path.cwd() / "runs").resolve()
+
+    def swap_draft(self, draft, source: str) -> None:
+        """Make `draft` the one every later comparison uses. The caller holds `self.lock`
+        (no run is using the old draft). The auto tree is measured again when needed."""
+        self.draft, self.draft_source = draft, source
+        self.auto_tree.clear()
 
     # ------------------------------------------------------------------- status
     @property
@@ -185,6 +205,10 @@ class RunRecord:
     spec_events: list = field(default_factory=list)  # RoundEvent, one per verification round
     phase: str = "starting"  # starting, waiting, ar, spec, done, error, stopped
     error: str | None = None
+    compressor: str = "off"  # the compressor mode asked for
+    draft_info: dict = field(default_factory=dict)  # which draft ran, and its compressor (trained or not)
+    image: object = None  # the input, until the Compressor tab's overlay is drawn
+    video: list | None = None
 
     @property
     def rounds(self) -> list:
@@ -194,6 +218,16 @@ class RunRecord:
 
 @dataclass
 class Session:
-    """Per-browser-session data, kept in a gr.State: the last comparison."""
+    """Per-browser-session data, kept in a gr.State: the last comparison, the folder of
+    this session's training uploads, and what the Train tab last showed."""
     last_run: RunRecord | None = None
     runs: int = 0
+    upload_dir: str | None = None
+    train_seen: tuple | None = None  # (job id, state, metrics count, drafts) last sent to the page
+    draft_choices: list = field(default_factory=list)
+
+    def cleanup(self, training=None) -> None:
+        """Delete the upload folder (when the session ends), unless a running job reads it."""
+        if self.upload_dir and not (training is not None and training.uses(Path(self.upload_dir))):
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+            self.upload_dir = None

@@ -64,9 +64,9 @@ def run_plain(target, inputs, sampling, **_):
     return engine.collect(engine.autoregressive_stream(target, inputs, sampling))
 
 
-def run_spec(target, inputs, sampling, draft=None, tree=None, media=None, **_):
-    return engine.collect(engine.speculative_stream(target, engine.EagleDrafter(draft, target), inputs, sampling,
-                                                    tree, media=media))
+def run_spec(target, inputs, sampling, draft=None, tree=None, media=None, compressor="draft", force=None, **_):
+    drafter = engine.EagleDrafter(draft, target, compressor=compressor, force_option=force)
+    return engine.collect(engine.speculative_stream(target, drafter, inputs, sampling, tree, media=media))
 
 
 def run_prompt_lookup(target, inputs, sampling, **_):
@@ -110,8 +110,6 @@ def run_benchmark(target, draft, cases: list[Case], max_new_tokens: int = 96, re
     discarded warm-up of each. The draft's compressor is on for "specvlm" and off for
     "eagle" (the same trained weights otherwise)."""
     tree = tree or engine.TreeSettings()
-    compressor = draft.compressor
-    eagle_draft = draft
     runners = {"plain": run_plain, "prompt_lookup": run_prompt_lookup, "eagle": run_spec, "specvlm": run_spec}
     results = {m: [] for m in methods}
     unsupported: dict[str, str] = {}
@@ -124,17 +122,16 @@ def run_benchmark(target, draft, cases: list[Case], max_new_tokens: int = 96, re
             for m in order:
                 if m in unsupported:
                     continue
-                draft.compressor = compressor if m == "specvlm" else None
                 sampling = engine.SamplingSettings(temperature=case.temperature, max_new_tokens=max_new_tokens,
                                                    seed=rep)
-                res = runners[m](target, inputs, sampling, draft=eagle_draft, tree=tree, media=media)
+                res = runners[m](target, inputs, sampling, draft=draft, tree=tree, media=media,
+                                 compressor="draft" if m == "specvlm" else None)
                 if isinstance(res, str):
                     unsupported[m] = res
                     continue
                 if rep > 0 or ci > 0:  # the very first pass of each method is a warm-up
                     per_method[m].append(_stats(res))
             order = order[1:] + order[:1]
-        draft.compressor = compressor
         plain_ids = per_method["plain"][0]["token_ids"] if per_method.get("plain") else None
         for m in methods:
             runs = per_method[m]
@@ -272,9 +269,7 @@ def run_ablation(target, draft, options=ABLATION_OPTIONS, max_new_tokens: int = 
     """tau and speedup vs plain for the draft without compressor ("eagle"), each
     primitive forced at its ratio, and the gate's own choice ("select"), per input
     group. Plain decoding is re-timed next to every option (interleaved)."""
-    from .compressor import Option
     tree = tree or engine.TreeSettings()
-    comp = draft.compressor
     rows = []
     groups = ablation_cases()
     for group, cases in groups.items():
@@ -284,16 +279,10 @@ def run_ablation(target, draft, options=ABLATION_OPTIONS, max_new_tokens: int = 
             sampling = engine.SamplingSettings(max_new_tokens=max_new_tokens)
             run_plain(target, inputs, sampling)  # warm-up
             for opt in options:
-                draft.compressor = None if opt == "eagle" else comp
-                if comp is not None:
-                    comp.forced = None if opt in ("eagle", "select") else Option.parse(opt)
-                try:
-                    plain = run_plain(target, inputs, sampling)
-                    spec = run_spec(target, inputs, sampling, draft=draft, tree=tree, media=media)
-                finally:
-                    draft.compressor = comp
-                    if comp is not None:
-                        comp.forced = None
+                plain = run_plain(target, inputs, sampling)
+                spec = run_spec(target, inputs, sampling, draft=draft, tree=tree, media=media,
+                                compressor=None if opt == "eagle" else "draft",
+                                force=None if opt in ("eagle", "select") else opt)
                 first = spec.events[1].info if len(spec.events) > 1 else {}
                 rows.append({"group": group, "case": case.name, "option": opt, "tau": spec.mean_accepted,
                              "speedup": plain.seconds / spec.seconds, "lossless": spec.token_ids == plain.token_ids,

@@ -105,7 +105,6 @@ class VisualCompressor(nn.Module):
         self.lambda_cost = lambda_cost
         self.ms_per_token = ms_per_token
         self.explore = explore
-        self.forced: Option | None = None  # ablations: bypass the gate with one option
         k = max(1, round(math.sqrt(conv_ratio)))
         self.conv = nn.Conv2d(2 * hidden, 2 * hidden, kernel_size=k, stride=k, groups=2 * hidden)
         self.conv_mix = nn.Linear(2 * hidden, 2 * hidden)
@@ -193,7 +192,7 @@ class VisualCompressor(nn.Module):
 
     # ------------------------------------------------------------ the sequence
     def compress_sequence(self, embeds: torch.Tensor, features: torch.Tensor, visual_mask: torch.Tensor,
-                          media: dict | None = None, training: bool = False):
+                          media: dict | None = None, training: bool = False, force: Option | str | None = None):
         """Replace the visual run of the draft's input sequence by its compressed form.
 
         embeds, features: [S, H]; visual_mask: [S] bool. Returns (embeds' [S', H],
@@ -201,6 +200,7 @@ class VisualCompressor(nn.Module):
         kept_cells (pruning), gate probabilities, source_index [S'] (original position of
         each output position, -1 for synthesised ones), and while training with the
         gate, cost_loss (the expected prefill-cost term, a scalar tensor).
+        force: one option ("pool:4" or an Option) instead of the mode's choice (ablations).
         """
         visual_mask = visual_mask.to(embeds.device)
         idx = visual_mask.nonzero().flatten()
@@ -212,7 +212,11 @@ class VisualCompressor(nn.Module):
         grid = grid_for(end - start, (media or {}).get("grid"))
         v_emb, v_feat = embeds[start:end], features[start:end]
         info: dict = {}
-        if self.mode == "weighted":
+        if force is not None:
+            option = Option.parse(force) if isinstance(force, str) else force
+            out_e, out_f, src, cells = self.apply_option(option, v_emb, v_feat, grid)
+            info = {"primitive": option.primitive, "ratio": option.ratio, "forced": True}
+        elif self.mode == "weighted":
             out_e, out_f, src, cells, info = self._weighted(v_emb, v_feat, grid, embeds, features, visual_mask,
                                                             training)
         elif self.mode == "concat":
@@ -238,10 +242,6 @@ class VisualCompressor(nn.Module):
     def _select(self, v_emb, v_feat, grid, embeds, features, visual_mask, training):
         n = v_emb.shape[0]
         cost = None
-        if self.forced is not None:
-            out_e, out_f, src, cells = self.apply_option(self.forced, v_emb, v_feat, grid)
-            return out_e, out_f, src, cells, {"primitive": self.forced.primitive, "ratio": self.forced.ratio,
-                                              "forced": True}
         if len(self.options) == 1:
             choice, weight, probs = 0, None, torch.ones(1)
         else:

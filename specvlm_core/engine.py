@@ -274,8 +274,14 @@ class EagleDrafter:
     and are forgotten when the next commit overwrites them.
     """
 
-    def __init__(self, draft, target):
+    def __init__(self, draft, target, compressor="draft", force_option=None):
+        """compressor: "draft" (the draft's own, the default), None (no compression:
+        plain EagleVLM) or a VisualCompressor for this request only; force_option
+        bypasses the gate with one compressor option (ablations). Nothing on the shared
+        draft is changed, so concurrent requests can use different settings."""
         self.draft = draft
+        self.compressor = draft.compressor if compressor == "draft" else compressor
+        self.force_option = force_option
         self.embed = target.model.get_input_embeddings()
         self.lm_head = target.model.get_output_embeddings()
         self.length = 0
@@ -292,11 +298,11 @@ class EagleDrafter:
         after the prompt is first_token. visual_mask [S] marks visual prompt tokens (for
         the compressor, when the draft has one)."""
         shifted = torch.cat([embeds[1:], self.embed(torch.tensor([first_token], device=embeds.device))])
-        if self.draft.compressor is not None and visual_mask is not None:
+        if self.compressor is not None and visual_mask is not None:
             # Draft position p holds the embedding of token p+1.
             shifted_visual = torch.cat([visual_mask[1:], visual_mask.new_zeros(1)])
-            shifted, features, self.info = self.draft.compressor.compress_sequence(
-                shifted, features, shifted_visual, media)
+            shifted, features, self.info = self.compressor.compress_sequence(
+                shifted, features, shifted_visual, media, force=self.force_option)
         n = features.shape[0]
         self.cache = self.draft.new_cache(n + 1024)
         self.length = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,32 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+QUANTIZED_NEEDS_CUDA = ("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); drop "
+                        "--load-in-4bit/--load-in-8bit to run on the CPU")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name is a local path rather than a Hub name ("org/model")."""
+    return name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
+
+
+def check_load_options(name: str | None, device: str = "auto", load_in_4bit: bool = False,
+                       load_in_8bit: bool = False, draft: str | None = None) -> torch.device:
+    """Fail fast, before anything is loaded, on options that cannot work here: a GPU
+    that is not there, 4/8-bit weights without CUDA, a model (or draft) folder that
+    does not exist. The one place for these messages (load_target and the app's
+    precheck both call it). Returns the resolved device; raises ModelLoadError."""
+    dev = resolve_device(device)
+    if (load_in_4bit or load_in_8bit) and dev.type != "cuda":
+        raise ModelLoadError(QUANTIZED_NEEDS_CUDA)
+    name = name or DEFAULT_MODEL
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model folder not found: {name}")
+    if draft and not Path(draft).expanduser().is_dir():
+        raise ModelLoadError(f"draft folder not found: {draft}")
+    return dev
+
+
 def load_target(name_or_path: str | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
                 load_in_4bit: bool = False, load_in_8bit: bool = False,
                 trust_remote_code: bool = False) -> Target:
@@ -111,12 +138,9 @@ def load_target(name_or_path: str | None = None, device: str = "auto", dtype: st
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     name = name_or_path or DEFAULT_MODEL
-    dev = resolve_device(device)
+    dev = check_load_options(name, device, load_in_4bit, load_in_8bit)
     if trust_remote_code:
         log.warning("trust_remote_code is on: code from %s will run on this machine", name)
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"model folder not found: {name}")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -135,10 +159,7 @@ def load_target(name_or_path: str | None = None, device: str = "auto", dtype: st
     else:
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
-    if load_in_4bit or load_in_8bit:
-        if dev.type != "cuda":
-            raise ModelLoadError("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); drop "
-                                 "--load-in-4bit/--load-in-8bit to run on the CPU")
+    if load_in_4bit or load_in_8bit:  # check_load_options made sure this is a CUDA device
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
         kwargs["device_map"] = {"": dev.index or 0}
@@ -199,20 +220,25 @@ def prepare_inputs(target: Target, prompt: str, image=None, video=None) -> dict:
 
 @contextlib.contextmanager
 def record_decoder_io(model):
-    """Within the block, every forward of `model` records (never changes) what its
-    language model receives and returns:
+    """Within the block, every forward of `model` run by *this thread* records (never
+    changes) what its language model receives and returns:
     record["embeds"]: inputs_embeds [B, S, H] (visual positions hold the projected
     visual features), record["features"]: final hidden states [B, S, H] after the final
     norm, i.e. exactly what the lm_head reads.
-    Plain torch forward hooks: no modeling code is copied or patched."""
+    Plain torch forward hooks, no modeling code copied or patched. The hooks ignore
+    other threads' forwards, so requests sharing one model never see each other's
+    tensors."""
     decoder = model.get_decoder()
     record: dict = {}
+    owner = threading.get_ident()
 
     def grab_inputs(_module, _args, kwargs):
-        record["embeds"] = kwargs.get("inputs_embeds")
+        if threading.get_ident() == owner:
+            record["embeds"] = kwargs.get("inputs_embeds")
 
     def grab_outputs(_module, _args, _kwargs, output):
-        record["features"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if threading.get_ident() == owner:
+            record["features"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     handles = [decoder.register_forward_pre_hook(grab_inputs, with_kwargs=True),
                decoder.register_forward_hook(grab_outputs, with_kwargs=True)]

@@ -73,7 +73,9 @@ def test_demo_builds_with_an_api_name_on_every_event(app_state):
     demo = build_demo(app_state)
     names = [fn.api_name for fn in demo.fns.values()]
     assert all(names), names
-    for name in ("compare", "preview", "stop", "tree_round", "model_status"):
+    for name in ("compare", "preview", "stop", "tree_round", "model_status", "auto_tree", "benchmark",
+                 "benchmark_stop", "train_start", "train_pause", "train_resume", "train_cancel", "train_status",
+                 "use_draft"):
         assert name in names
     assert demo._queue.max_size == 32
 
@@ -90,7 +92,7 @@ def test_the_gpu_decorator_wraps_the_comparison(app_state):
         return wrapper
 
     build_demo(AppState.from_target(app_state.target, app_state.draft, "given", gpu=gpu))
-    assert wrapped == ["compare"]
+    assert wrapped == ["compare", "auto_tree", "benchmark"]  # the handlers that run the model
 
 
 def test_compare_on_an_example_image_is_identical_at_temperature_0(client):
@@ -190,6 +192,30 @@ def test_app_py_refuses_4bit_on_cpu(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--load-in-4bit", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: 4-bit/8-bit loading needs a CUDA GPU")
+    assert module.main(["--model", "./no/such/model", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: model folder not found: ./no/such/model"
+    assert module.main(["--model", str(ROOT / "assets"), "--draft", "./no/such/draft", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: draft folder not found: ./no/such/draft"
+
+
+def test_load_options_are_checked_in_one_place(tmp_path):
+    from specvlm_core.errors import ModelLoadError
+    from app.state import LoadOptions
+    for options, message in (
+            (dict(load_in_8bit=True), "4-bit/8-bit loading needs a CUDA GPU"),
+            (dict(model=str(tmp_path / "missing")), f"model folder not found: {tmp_path / 'missing'}"),
+            (dict(model=str(tmp_path), draft=str(tmp_path / "nodraft")),
+             f"draft folder not found: {tmp_path / 'nodraft'}")):
+        opts = dict(dict(model=None, device="cpu", load_in_4bit=False, load_in_8bit=False, draft=None), **options)
+        with pytest.raises(ModelLoadError) as core:
+            models.check_load_options(opts.pop("model"), **opts)
+        assert str(core.value).startswith(message)
+        with pytest.raises(ModelLoadError) as app_check:  # the app's precheck says the same
+            AppState(LoadOptions(device="cpu", **options)).precheck()
+        assert str(app_check.value) == str(core.value)
+    with pytest.raises(ModelLoadError, match="model folder not found"):  # and so does load_target
+        models.load_target(str(tmp_path / "missing"), device="cpu")
+    assert models.check_load_options(str(tmp_path), "cpu").type == "cpu"
 
 
 # ------------------------------------------------------------ pure render / plots

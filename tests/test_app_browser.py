@@ -43,12 +43,14 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(request, browser):
+def server(request, browser, tmp_path_factory):
     if (Path(models.DEFAULT_MODEL) / "config.json").exists():
         target = request.getfixturevalue("embedded_target")
     else:
         target = request.getfixturevalue("family_target")("qwen2_vl")
-    demo = build_demo(AppState.from_target(target))
+    state = AppState.from_target(target)
+    state.runs_dir = tmp_path_factory.mktemp("runs")  # Train writes here, not into ./runs
+    demo = build_demo(state)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -124,6 +126,38 @@ def test_an_example_video_run_can_be_stopped_and_run_again(page):
     tokens.press("Enter")
     page.locator("#run-btn").click()  # the stopped run released the model
     page.locator("#status").get_by_text("Done").wait_for()
+
+
+def test_the_compressor_tab_shows_what_was_kept(page):
+    page.get_by_text("Settings").click()
+    page.locator("#compressor-mode input").click()
+    page.get_by_role("option", name="prune_guided:4").click()
+    run_compare(page, EXAMPLES / "shapes_160.png", "How many objects are there?")
+    page.locator("#speedup [data-testid=identical]").wait_for()
+    assert page.locator("#speedup [data-testid=identical]").get_attribute("data-identical") == "true"
+    page.get_by_role("tab", name="Compressor").click()
+    page.locator("#compressor-info").get_by_text("prune_guided").first.wait_for()
+    assert "untrained" in page.locator("#compressor-info").inner_text()
+    page.locator("#compressor-overlay img").wait_for()
+    page.locator("#gate-plot .js-plotly-plot").wait_for()
+
+
+def test_train_a_draft_then_use_it(page):
+    page.get_by_role("tab", name="Train").click()
+    steps = page.locator("#train-steps input[type=number]")
+    steps.fill("6")
+    steps.press("Enter")
+    page.locator("#train-out textarea, #train-out input").first.fill("browser-run")
+    page.locator("#train-start").click()
+    # Only the timer brings the job's progress to the page.
+    page.locator('#train-status [data-state="finished"]').wait_for()
+    assert "step 6/6" in page.locator("#train-status").inner_text()
+    page.locator("#train-plot .js-plotly-plot").wait_for()
+    page.locator("#train-drafts").get_by_text("final").first.wait_for()
+    page.locator("#use-draft").click()
+    page.locator("#use-draft-info").get_by_text("Compare now uses").wait_for()
+    assert "browser-run" in page.locator("#use-draft-info").inner_text()
+    assert "draft browser-run" in page.locator("#model-status").inner_text()
 
 
 def test_the_page_shows_the_model_loading(browser, request):
