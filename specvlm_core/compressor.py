@@ -93,8 +93,8 @@ class VisualCompressor(nn.Module):
     """All primitives plus the question-aware gate. Sizes: hidden H (the draft's)."""
 
     def __init__(self, hidden: int, mode: str = "select", options=DEFAULT_OPTIONS, conv_ratio: int = 4,
-                 resampler_queries: int = 2, heads: int = 4, lambda_cost: float = 0.05,
-                 ms_per_token: float = 0.02, explore: float = 0.5):
+                 resampler_queries: int = 2, heads: int = 4, lambda_cost: float = 0.01,
+                 ms_per_token: float = 0.01, explore: float = 0.5):
         super().__init__()
         if mode not in MODES and ":" not in mode:
             raise ParameterError(f"compressor mode must be one of {MODES} or 'primitive:ratio', got {mode!r}")

@@ -401,6 +401,22 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 # ---------------------------------------------------------------------- the loop
 
+@torch.no_grad()
+def measure_draft_ms_per_token(draft: EagleDraft, target: Target, n: int = 256, repeats: int = 5) -> float:
+    """The draft's prefill cost per input token on this device (the compressor gate's
+    cost unit), from the median of a few timed passes over n tokens."""
+    h = draft.config.hidden_size
+    x = torch.randn(1, n, h, device=target.device)
+    times = []
+    for _ in range(repeats + 1):
+        engine.sync_device(target.device)
+        t0 = time.perf_counter()
+        draft(x, x)
+        engine.sync_device(target.device)
+        times.append((time.perf_counter() - t0) * 1000 / n)
+    return round(sorted(times[1:])[repeats // 2], 5)
+
+
 @dataclass
 class Progress:
     state: str = "idle"  # idle | running | paused | finished | cancelled | failed
@@ -458,6 +474,8 @@ def train(config: DistillConfig, target: Target | None = None, on_metrics: Calla
         resumed_state = load_trainer_state(ckpts[-1])
         start_step = int(resumed_state["step"])
     draft.to(device=target.device, dtype=torch.float32)
+    if draft.compressor is not None and not ckpts:
+        draft.compressor.ms_per_token = measure_draft_ms_per_token(draft, target)
     draft.requires_grad_(True)
     draft.train()
     decay = [p for p in draft.parameters() if p.dim() >= 2]
