@@ -412,29 +412,45 @@ def sync_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autoregressive_stream(target, inputs: dict, sampling: SamplingSettings) -> Iterator[RoundEvent]:
-    """Plain decoding with the same preprocessing, cache and stopping rules; one event
-    per token."""
+@dataclass
+class _Start:
+    """What both loops do first, identically: prefill and the first token."""
+    gen: torch.Generator
+    runner: TargetRunner
+    emitter: "_Emitter"
+    start: float
+    prefill_ms: float
+    token: int
+    features: torch.Tensor
+    embeds: torch.Tensor
+
+
+def _prefill_and_first_token(target, inputs: dict, sampling: SamplingSettings) -> _Start:
     sampling.validate()
     gen = torch.Generator().manual_seed(sampling.seed)
     runner = TargetRunner(target)
     emitter = _Emitter(target, sampling)
     start = time.perf_counter()
-    logits, _, _ = runner.prefill(inputs)
+    logits, features, embeds = runner.prefill(inputs)
     token = pick_token(logits, sampling, gen)
     sync_device(target.device)
-    prefill_ms = _ms(start)
-    step = 0
+    return _Start(gen, runner, emitter, start, _ms(start), token, features, embeds)
+
+
+def autoregressive_stream(target, inputs: dict, sampling: SamplingSettings) -> Iterator[RoundEvent]:
+    """Plain decoding with the same preprocessing, cache and stopping rules; one event
+    per token."""
+    s = _prefill_and_first_token(target, inputs, sampling)
+    token, step = s.token, 0
     while True:
-        kept, new_text = emitter.emit([token])
-        yield RoundEvent("ar", step, kept, new_text, emitter.text, len(emitter.tokens),
-                         time.perf_counter() - start, prefill_ms=prefill_ms if step == 0 else 0.0,
-                         finished=emitter.finish_reason is not None, finish_reason=emitter.finish_reason)
-        if emitter.finish_reason:
+        kept, new_text = s.emitter.emit([token])
+        yield RoundEvent("ar", step, kept, new_text, s.emitter.text, len(s.emitter.tokens),
+                         time.perf_counter() - s.start, prefill_ms=s.prefill_ms if step == 0 else 0.0,
+                         finished=s.emitter.finish_reason is not None, finish_reason=s.emitter.finish_reason)
+        if s.emitter.finish_reason:
             return
-        t0 = time.perf_counter()
-        logits, _ = runner.step(token)
-        token = pick_token(logits, sampling, gen)
+        logits, _ = s.runner.step(token)
+        token = pick_token(logits, sampling, s.gen)
         step += 1
 
 
@@ -442,16 +458,10 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
                        tree: TreeSettings, media=None) -> Iterator[RoundEvent]:
     """Speculative decoding; one event per verification round (the first event is the
     token the prefill produces, exactly as in plain decoding)."""
-    sampling.validate()
     tree.validate()
-    gen = torch.Generator().manual_seed(sampling.seed)
-    runner = TargetRunner(target)
-    emitter = _Emitter(target, sampling)
-    start = time.perf_counter()
-    logits, features, embeds = runner.prefill(inputs)
-    root = pick_token(logits, sampling, gen)
-    sync_device(target.device)
-    prefill_ms = _ms(start)
+    s = _prefill_and_first_token(target, inputs, sampling)
+    gen, runner, emitter, start, prefill_ms = s.gen, s.runner, s.emitter, s.start, s.prefill_ms
+    root, features, embeds = s.token, s.features, s.embeds
     kept, new_text = emitter.emit([root])
     yield RoundEvent("spec", 0, kept, new_text, emitter.text, len(emitter.tokens), time.perf_counter() - start,
                      prefill_ms=prefill_ms, finished=emitter.finish_reason is not None,
