@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from . import engine, world
 from .draft import DraftConfig, EagleDraft
 from .errors import InputError, MediaError, ParameterError, SpecVLMError
+from .engine import visual_mask
 from .models import Target, build_training_text, load_target, prepare_inputs, record_decoder_io
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,6 @@ class TeacherOutput:
 def teacher_forward(target: Target, ex: Example) -> TeacherOutput:
     kind = "image" if ex.image is not None else ("video" if ex.video is not None else None)
     full, prompt_text = build_training_text(target, ex.prompt, ex.answer, kind)
-    inputs = prepare_inputs(target, ex.prompt, image=ex.image, video=ex.video)
     kwargs = {}
     if ex.image is not None:
         kwargs["images"] = [ex.image]
@@ -230,7 +230,12 @@ def teacher_forward(target: Target, ex: Example) -> TeacherOutput:
     batch = target.processor(text=[full], return_tensors="pt", **kwargs)
     batch = {k: (v.to(target.device).to(target.dtype) if v.is_floating_point() else v.to(target.device))
              if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    n_prompt = inputs["input_ids"].shape[1]
+    # Prompt length in the processed ids without running the processor twice: the
+    # prompt's own tokens, with its visual placeholders expanded as in the full text.
+    visual = visual_mask(target, batch)
+    prompt_ids = target.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    placeholders = int(visual_mask(target, {"input_ids": torch.tensor([prompt_ids])}).sum())
+    n_prompt = len(prompt_ids) - placeholders + int(visual.sum())
     with record_decoder_io(target.model) as rec:
         out = target.model(**batch, use_cache=False, return_dict=True)
     seq = batch["input_ids"].shape[1]
@@ -246,7 +251,7 @@ def teacher_forward(target: Target, ex: Example) -> TeacherOutput:
     # the token after it (input: embedding of answer token 1, predicts token 2).
     loss_mask[: seq - 2] = is_answer[2:] & is_answer[1:-1]
     return TeacherOutput(embeds=rec["embeds"][0], features=rec["features"][0], logits=out.logits[0],
-                         loss_mask=loss_mask, visual_mask=engine.visual_mask(target, batch),
+                         loss_mask=loss_mask, visual_mask=visual,
                          media={"image": ex.image, "video": ex.video, "grid": engine.visual_grid(target, batch)})
 
 
