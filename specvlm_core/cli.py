@@ -104,6 +104,7 @@ def cmd_distill(args) -> int:
                         out_dir=args.out, resume=args.resume, json_log=args.json_log, device=args.device,
                         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                         eval_samples=args.eval_samples, self_distill=args.self_distill, seed=args.seed,
+                        keep_checkpoints=args.keep_checkpoints,
                         compressor={"mode": args.compressor} if args.compressor != "off" else None)
     if cfg.steps is None and cfg.epochs is None:
         cfg.steps = 200
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-every", type=int, default=50)
     d.add_argument("--eval-every", type=int, default=50, help="measure tau on held-out prompts every N steps")
     d.add_argument("--eval-samples", type=int, default=6)
+    d.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (older ones pruned)")
     d.add_argument("--self-distill", action="store_true", help="train on the target's own greedy answers")
     d.add_argument("--compressor", default="off", help="off, or a compressor mode (see docs)")
     d.add_argument("--seed", type=int, default=0)
