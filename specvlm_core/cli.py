@@ -24,11 +24,13 @@ def _add_model_args(p):
     p.add_argument("--model", default=None, help="Hub name or folder of the target VLM (default: the embedded tiny model)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repository's own Python code (off by default; only for repositories you trust)")
 
 
 def cmd_generate(args) -> int:
     from . import api, engine, media
-    from .models import load_target
+    from .models import check_load_options, load_target
     image = video = None
     if args.image:
         kind, loaded = media.load_media(args.image, num_frames=args.frames)
@@ -52,9 +54,8 @@ def cmd_generate(args) -> int:
         tree.validate()
     if not args.prompt.strip():
         raise SpecVLMError("the prompt is empty")
-    if args.draft is not None and not Path(args.draft).is_dir():
-        raise SpecVLMError(f"draft folder not found: {args.draft}")
-    target = load_target(args.model, device=args.device)
+    check_load_options(args.model, args.device, draft=args.draft)  # fail before loading anything
+    target = load_target(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     draft = None
     if args.mode != "ar":
         draft, _ = api.load_draft(target, args.draft)
