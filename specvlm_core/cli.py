@@ -90,7 +90,7 @@ def cmd_tiny_train(args) -> int:
 def cmd_tiny_eval(args) -> int:
     from .models import load_target
     from .tiny_vlm import evaluate_quality
-    target = load_target(args.model, device=args.device)
+    target = load_target(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     metrics = evaluate_quality(target.model, target.processor, args.scenes, args.clips, progress=True)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -105,7 +105,7 @@ def cmd_distill(args) -> int:
                         out_dir=args.out, resume=args.resume, json_log=args.json_log, device=args.device,
                         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                         eval_samples=args.eval_samples, self_distill=args.self_distill, seed=args.seed,
-                        keep_checkpoints=args.keep_checkpoints,
+                        keep_checkpoints=args.keep_checkpoints, trust_remote_code=args.trust_remote_code,
                         compressor={"mode": args.compressor} if args.compressor != "off" else None)
     if cfg.steps is None and cfg.epochs is None:
         cfg.steps = 200
@@ -148,7 +148,7 @@ def cmd_bench(args) -> int:
     api.set_threads(args.threads)
     tree = parse_tree(args.tree)
     cases = bench.suite(args.suite)
-    target = load_target(args.model, device=args.device)
+    target = load_target(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     draft, source = api.load_draft(target, args.draft)
     tree = resolve_tree(tree, target, draft)
     print(f"bench: {len(cases)} cases, tree {tree}, draft {source}", file=sys.stderr)
@@ -187,7 +187,7 @@ def cmd_ablation(args) -> int:
     from . import api, bench
     from .models import load_target
     api.set_threads(args.threads)
-    target = load_target(args.model, device=args.device)
+    target = load_target(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     draft, source = api.load_draft(target, args.draft)
     if draft.compressor is None:
         raise SpecVLMError(f"the draft {source} has no compressor; train one with distill --compressor select")

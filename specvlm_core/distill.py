@@ -70,6 +70,7 @@ class DistillConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     device: str = "auto"
+    trust_remote_code: bool = False
     json_log: str | None = None
     resume: bool = False
 
@@ -457,7 +458,8 @@ def train(config: DistillConfig, target: Target | None = None, on_metrics: Calla
     torch.manual_seed(config.seed + accelerator.process_index)
     if target is None:
         progress.message = "loading target"
-        target = load_target(config.model, device=str(accelerator.device))
+        target = load_target(config.model, device=str(accelerator.device),
+                             trust_remote_code=config.trust_remote_code)
     source = ExampleSource(config, accelerator.process_index, accelerator.num_processes,
                            video=target.supports_video)
     total = config.total_steps(source.size)
