@@ -41,16 +41,18 @@ def result_summary(result: engine.GenerationResult | None) -> dict | None:
 
 def run_generation(target: Target, draft: EagleDraft | None, prompt: str, image=None, video=None,
                    mode: str = "both", sampling: engine.SamplingSettings | None = None,
-                   tree: engine.TreeSettings | None = None) -> dict:
+                   tree: engine.TreeSettings | None = None, inputs: dict | None = None) -> dict:
     """Run "ar", "spec" or "both" on one input; returns the CLI's JSON contract:
     {"ar": {...}|None, "spec": {...}|None, "identical": bool|None, "speedup": float|None}.
     identical compares token ids and is reported at any temperature (at T>0 both runs
-    use the same seed but are only equal in distribution)."""
+    use the same seed but are only equal in distribution). inputs: the already
+    prepared model inputs of (prompt, media), if the caller has them."""
     sampling = sampling or engine.SamplingSettings()
     tree = tree or engine.TreeSettings()
     sampling.validate()
     tree.validate()
-    inputs = prepare_inputs(target, prompt, image=image, video=video)
+    if inputs is None:
+        inputs = prepare_inputs(target, prompt, image=image, video=video)
     room = target.context_length - inputs["input_ids"].shape[1]
     if sampling.max_new_tokens > room:  # documented: the answer is cut at the context's end
         log.warning("max_new_tokens %d exceeds the room left in the context; using %d", sampling.max_new_tokens, room)

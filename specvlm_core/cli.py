@@ -30,7 +30,7 @@ def _add_model_args(p):
 
 def cmd_generate(args) -> int:
     from . import api, engine, media
-    from .models import check_load_options, load_target
+    from .models import check_load_options, load_target, prepare_inputs
     image = video = None
     if args.image:
         kind, loaded = media.load_media(args.image, num_frames=args.frames)
@@ -56,6 +56,7 @@ def cmd_generate(args) -> int:
         raise SpecVLMError("the prompt is empty")
     check_load_options(args.model, args.device, draft=args.draft)  # fail before loading anything
     target = load_target(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    inputs = prepare_inputs(target, args.prompt, image=image, video=video)  # bad prompts fail here, early
     draft = None
     if args.mode != "ar":
         draft, _ = api.load_draft(target, args.draft)
@@ -63,7 +64,7 @@ def cmd_generate(args) -> int:
     elif tree == "auto":
         tree = engine.TreeSettings()
     result = api.run_generation(target, draft, args.prompt, image=image, video=video, mode=args.mode,
-                                sampling=sampling, tree=tree)
+                                sampling=sampling, tree=tree, inputs=inputs)
     if args.json:
         print(json.dumps(result))
         return 0

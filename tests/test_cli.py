@@ -104,3 +104,16 @@ def test_help_lists_every_subcommand():
     assert proc.returncode == 0
     for name in ("generate", "distill", "bench", "tiny-train", "tiny-eval", "examples"):
         assert name in proc.stdout
+
+
+def test_non_ascii_and_emoji_prompts_decode_losslessly(tiny_model, image_file, capsys):
+    code, out, err = run_main(["generate", "--image", image_file, "--prompt", "Qu'est-ce que c'est ? 🙂 形は何ですか",
+                               "--model", tiny_model, "--max-new-tokens", "8", "--json", "--tree", "3,3,6"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["identical"] is True
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny_model, image_file, capsys):
+    code, _, err = run_main(["generate", "--image", image_file, "--prompt", "objects " * 3000, "--model", tiny_model,
+                             "--max-new-tokens", "4"], capsys)
+    assert code == 2 and "context" in err and err.startswith("error:")
