@@ -211,9 +211,9 @@ class EagleDraft(nn.Module):
         cache.k[:, slots] = k
         cache.v[:, slots] = v
         length = visible.shape[1]
-        keys = cache.k[:, :length].repeat_interleave(nh // nkv, dim=0)
-        values = cache.v[:, :length].repeat_interleave(nh // nkv, dim=0)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None])
+        # Grouped-query attention without copying the cache for every query head.
+        attn = F.scaled_dot_product_attention(q, cache.k[:, :length], cache.v[:, :length], attn_mask=visible[None],
+                                              enable_gqa=nh != nkv)
         x = x + self.o_proj(attn.transpose(0, 1).reshape(n, nh * hd))
         y = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
