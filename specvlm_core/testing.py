@@ -197,14 +197,7 @@ def _qwen2_5_vl_config(tokenizer):
 
     t, v = QWEN_TINY_CONFIG["text"], QWEN_TINY_CONFIG["vision"]
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in tiny_vlm.SPECIAL_TOKENS}
-    text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
-        intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
-        num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
-        max_position_embeddings=t["max_position_embeddings"], rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"],
-                         "mrope_section": t["mrope_section"]},
-        tie_word_embeddings=True, **_token_roles(tokenizer))
+    text_config = tiny_vlm.qwen_text_config(tokenizer, t, **_token_roles(tokenizer))
     # Unlike Qwen2-VL, the 2.5 vision tower has a SwiGLU MLP, its own width
     # (hidden_size) projected to the text width (out_hidden_size), and windowed
     # attention except in fullatt_block_indexes. window_size is in px: 32 px = 2x2

@@ -85,20 +85,24 @@ def build_processor(tokenizer, cfg: dict = TINY_CONFIG):
                             video_processor=video_processor, chat_template=CHAT_TEMPLATE)
 
 
-def build_config(tokenizer, cfg: dict = TINY_CONFIG):
-    from transformers import Qwen2VLConfig
-    t, v = cfg["text"], cfg["vision"]
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
-    text_config = dict(
+def qwen_text_config(tokenizer, t: dict, **token_ids) -> dict:
+    """The text-decoder part of a Qwen2-VL / Qwen2.5-VL config from a size dict."""
+    return dict(
         vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
         intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
         num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
         max_position_embeddings=t["max_position_embeddings"], rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"],
                          "mrope_section": t["mrope_section"]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
-    )
+        tie_word_embeddings=True, **token_ids)
+
+
+def build_config(tokenizer, cfg: dict = TINY_CONFIG):
+    from transformers import Qwen2VLConfig
+    t, v = cfg["text"], cfg["vision"]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    text_config = qwen_text_config(tokenizer, t, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                                   pad_token_id=ids["<|endoftext|>"])
     vision_config = dict(depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden_size"],
                          num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"], patch_size=v["patch_size"],
                          spatial_merge_size=v["spatial_merge_size"],
