@@ -40,7 +40,31 @@ class MediaLimits:
     max_frames: int = 32
 
 
-DEFAULT_LIMITS = MediaLimits()
+# Environment overrides, for the CLI and the app alike (a Space sets them in its settings).
+LIMIT_ENV = {"SPECVLM_MAX_FILE_MB": "max_file_mb", "SPECVLM_MAX_IMAGE_SIDE": "max_image_side",
+             "SPECVLM_MAX_DECODE_PIXELS": "max_decode_pixels", "SPECVLM_DEFAULT_FRAMES": "default_frames",
+             "SPECVLM_MAX_FRAMES": "max_frames"}
+
+
+def limits_from_env(environ=os.environ) -> MediaLimits:
+    """MediaLimits with any SPECVLM_* overrides; a malformed value is an error naming it."""
+    values = {}
+    for var, field_name in LIMIT_ENV.items():
+        raw = environ.get(var)
+        if raw is None:
+            continue
+        kind = float if field_name == "max_file_mb" else int
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ParameterError(f"{var} must be a number, got {raw!r}") from None
+        if value <= 0:
+            raise ParameterError(f"{var} must be positive, got {raw!r}")
+        values[field_name] = value
+    return MediaLimits(**values)
+
+
+DEFAULT_LIMITS = limits_from_env()
 
 # Frame rate assumed for animation frames that carry no duration (what browsers do).
 DEFAULT_ANIMATION_FPS = 10.0

@@ -544,3 +544,14 @@ def test_examples_are_small_loadable_and_listed(tmp_path):
     frame_counts = {e["file"]: load_video(tmp_path / e["file"], num_frames=32).total_frames
                     for e in listed if e["file"].endswith(".mp4")}
     assert sorted(frame_counts.values()) == [8, 16]
+
+
+def test_limits_are_configurable_from_the_environment():
+    from specvlm_core.errors import ParameterError
+    from specvlm_core.media import MediaLimits, limits_from_env
+    limits = limits_from_env({"SPECVLM_MAX_FRAMES": "12", "SPECVLM_MAX_FILE_MB": "5.5"})
+    assert limits.max_frames == 12 and limits.max_file_mb == 5.5
+    assert limits.max_image_side == MediaLimits().max_image_side
+    for bad in ("twelve", "0"):
+        with pytest.raises(ParameterError, match="SPECVLM_MAX_FRAMES"):
+            limits_from_env({"SPECVLM_MAX_FRAMES": bad})
