@@ -117,3 +117,18 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_model, image_file, cap
     code, _, err = run_main(["generate", "--image", image_file, "--prompt", "objects " * 3000, "--model", tiny_model,
                              "--max-new-tokens", "4"], capsys)
     assert code == 2 and "context" in err and err.startswith("error:")
+
+
+def test_model_load_errors_name_the_fix(tmp_path, monkeypatch):
+    from transformers import BertConfig
+
+    from specvlm_core.errors import ModelLoadError
+    from specvlm_core.models import load_target
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 is set"):
+        load_target("llava-hf/some-model-that-is-not-cached", device="cpu")
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        load_target(str(tmp_path / "nope"), device="cpu")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="supported families"):
+        load_target(str(tmp_path), device="cpu")
