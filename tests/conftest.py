@@ -30,3 +30,12 @@ def family_target(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_target():
     return models.load_target(models.DEFAULT_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def app_target(request):
+    """What the app tests run on: the embedded model if it is there, else a tiny random target."""
+    from pathlib import Path
+    if (Path(models.DEFAULT_MODEL) / "config.json").exists():
+        return request.getfixturevalue("embedded_target")
+    return request.getfixturevalue("family_target")("qwen2_vl")

@@ -7,14 +7,14 @@ import functools
 import importlib.util
 import os
 import re
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from app import AppState, build_demo, launch  # noqa: E402
+from apphelpers import serve  # noqa: E402
+from app import AppState, build_demo  # noqa: E402
 from app import handlers, plots, render  # noqa: E402
 from app.state import Session  # noqa: E402
 from specvlm_core import engine, models  # noqa: E402
@@ -29,26 +29,14 @@ pytestmark = [pytest.mark.filterwarnings("ignore:::gradio.queueing"),
 
 
 @pytest.fixture(scope="module")
-def app_state(request):
-    """The embedded model if it is there, else a tiny random target."""
-    if (Path(models.DEFAULT_MODEL) / "config.json").exists():
-        target = request.getfixturevalue("embedded_target")
-    else:
-        target = request.getfixturevalue("family_target")("qwen2_vl")
-    return AppState.from_target(target)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def app_state(app_target):
+    return AppState.from_target(app_target)
 
 
 @pytest.fixture(scope="module")
 def server(app_state):
     demo = build_demo(app_state)
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
+    yield serve(demo)
     demo.close()
 
 

@@ -6,15 +6,14 @@ it also writes the README screenshots into docs/screenshots/.
 import io
 import os
 import re
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from app import AppState, build_demo, launch  # noqa: E402
-from specvlm_core import models  # noqa: E402
+from apphelpers import serve  # noqa: E402
+from app import AppState, build_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -43,19 +42,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(request, browser, tmp_path_factory):
-    if (Path(models.DEFAULT_MODEL) / "config.json").exists():
-        target = request.getfixturevalue("embedded_target")
-    else:
-        target = request.getfixturevalue("family_target")("qwen2_vl")
-    state = AppState.from_target(target)
+def server(app_target, browser, tmp_path_factory):
+    state = AppState.from_target(app_target)
     state.runs_dir = tmp_path_factory.mktemp("runs")  # Train writes here, not into ./runs
     demo = build_demo(state)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield url
+    yield serve(demo)
     demo.close()
 
 
@@ -160,18 +151,11 @@ def test_train_a_draft_then_use_it(page):
     assert "draft browser-run" in page.locator("#model-status").inner_text()
 
 
-def test_the_page_shows_the_model_loading(browser, request):
+def test_the_page_shows_the_model_loading(browser, app_target):
     from app import LoadOptions
-    if (Path(models.DEFAULT_MODEL) / "config.json").exists():
-        name = models.DEFAULT_MODEL
-    else:
-        name = request.getfixturevalue("family_target")("qwen2_vl").name
-    state = AppState(LoadOptions(model=name, device="cpu", warmup=False))
+    state = AppState(LoadOptions(model=app_target.name, device="cpu", warmup=False))
     demo = build_demo(state)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    url = serve(demo)
     context = browser.new_context()
     try:
         page = context.new_page()

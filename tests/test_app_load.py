@@ -6,7 +6,6 @@ beyond max_size, requests are refused instead of piling up in memory.
 """
 import os
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +15,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from app import AppState, build_demo, handlers, launch  # noqa: E402
-from specvlm_core import models  # noqa: E402
+from apphelpers import serve  # noqa: E402
+from app import AppState, build_demo, handlers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -44,20 +43,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def app_state(request):
-    if (Path(models.DEFAULT_MODEL) / "config.json").exists():
-        target = request.getfixturevalue("embedded_target")
-    else:
-        target = request.getfixturevalue("family_target")("qwen2_vl")
-    return AppState.from_target(target)
-
-
-def serve(demo) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    return url
+def app_state(app_target):
+    return AppState.from_target(app_target)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,9 +18,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from app import AppState, build_demo, launch  # noqa: E402
+from apphelpers import serve  # noqa: E402
+from app import AppState, build_demo  # noqa: E402
 from app import handlers, tasks, training  # noqa: E402
-from specvlm_core import autotune, models  # noqa: E402
+from specvlm_core import autotune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -31,12 +31,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:::gradio.queueing"),
 
 
 @pytest.fixture(scope="module")
-def app_state(request, tmp_path_factory):
-    if (Path(models.DEFAULT_MODEL) / "config.json").exists():
-        target = request.getfixturevalue("embedded_target")
-    else:
-        target = request.getfixturevalue("family_target")("qwen2_vl")
-    state = AppState.from_target(target)
+def app_state(app_target, tmp_path_factory):
+    state = AppState.from_target(app_target)
     state.runs_dir = tmp_path_factory.mktemp("runs")
     state.auto_tree.samples = 1  # one calibration prompt keeps the measurement short
     mp = pytest.MonkeyPatch()
@@ -52,11 +48,7 @@ def app_state(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(app_state):
     demo = build_demo(app_state)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield url
+    yield serve(demo)
     demo.close()
 
 

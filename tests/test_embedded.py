@@ -1,7 +1,6 @@
 """The shipped model and draft: offline loading, visual-token scaling, lossless
 decoding with the trained draft, and the quality metrics of the model card."""
 import pytest
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from specvlm_core import api, engine, tiny_vlm, world

@@ -4,7 +4,6 @@ Random drafts make acceptance rare and the trees odd: output must still be ident
 only slower (the test that matters, as in transformers' assisted generation tests).
 """
 import pytest
-import torch
 
 from specvlm_core import engine, testing
 from specvlm_core.draft import new_draft_for
