@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
 from specvlm_core import engine
 from specvlm_core.errors import SpecVLMError
 from specvlm_core.models import prepare_inputs
 
-from .tasks import draft_for_mode
+from .tasks import FINAL, draft_for_mode, receive
 
 log = logging.getLogger("specvlm_app")
 
@@ -109,16 +108,8 @@ class ComparisonRun:
         for status changes), until the final message has been delivered."""
         while True:
             batch = []
-            deadline = time.monotonic() + interval
             final = False
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    kind, payload = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
+            for kind, payload in receive(self.queue, interval):
                 batch.append((kind, payload))
                 if kind in FINAL:
                     final = True
@@ -129,5 +120,3 @@ class ComparisonRun:
             if final:
                 return
 
-
-FINAL = ("done", "error", "stopped")

@@ -97,15 +97,7 @@ class Worker:
         can be cancelled), ending with the final message."""
         while True:
             latest = None
-            deadline = time.monotonic() + interval
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    kind, payload = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
+            for kind, payload in receive(self.queue, interval):
                 if kind in FINAL:
                     if latest is not None:
                         yield latest
@@ -113,6 +105,20 @@ class Worker:
                     return
                 latest = (kind, payload)
             yield latest or ("tick", None)
+
+
+def receive(messages: queue.Queue, interval: float):
+    """The messages that arrive on a worker's queue within `interval` seconds; the
+    caller may stop early (break) on a message that must be shown at once."""
+    deadline = time.monotonic() + interval
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            yield messages.get(timeout=remaining)
+        except queue.Empty:
+            return
 
 
 # ------------------------------------------------------------ drafts, compressors

@@ -9,7 +9,7 @@ import torch
 
 from . import engine
 from .draft import EagleDraft, new_draft_for
-from .models import DEFAULT_DRAFT, DEFAULT_MODEL, Target, load_target, prepare_inputs
+from .models import DEFAULT_DRAFT, DEFAULT_MODEL, Target, prepare_inputs
 
 log = logging.getLogger(__name__)
 

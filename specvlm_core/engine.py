@@ -20,7 +20,7 @@ import torch
 
 from .errors import ParameterError
 from .models import record_decoder_io
-from .tree import DraftTree, ancestor_mask, children_lists, expand_frontier, select_tree, tree_attention_mask
+from .tree import DraftTree, children_lists, expand_frontier, select_tree, tree_attention_mask
 
 
 # ---------------------------------------------------------------------- settings
@@ -243,7 +243,6 @@ class TargetRunner:
     def verify(self, tree: DraftTree):
         """One forward over all tree nodes. Returns (logits [n, V], features [n, H]);
         the cache grows by n entries (compact it with accept())."""
-        n = len(tree)
         mask = tree_attention_mask(tree.parents, self.length, dtype=self.target.dtype).to(self.target.device)
         ids = tree.tokens.view(1, -1).to(self.target.device)
         out = self._forward(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
