@@ -17,7 +17,7 @@ from specvlm_core import engine
 from specvlm_core.errors import SpecVLMError
 from specvlm_core.models import prepare_inputs
 
-from .tasks import FINAL, draft_for_mode, receive
+from .tasks import FINAL, compressor_for_mode, receive
 
 log = logging.getLogger("specvlm_app")
 
@@ -30,7 +30,7 @@ class ComparisonRun:
     ("spec", RoundEvent), then exactly one of ("done", None), ("error", message) or
     ("stopped", None).
 
-    compressor: the draft's compressor for this run (see `tasks.draft_for_mode`: "off",
+    compressor: the draft's compressor for this run (see `tasks.compressor_for_mode`: "off",
     a mode, or None for the draft as it is); the shared draft itself is never changed.
     """
 
@@ -75,11 +75,12 @@ class ComparisonRun:
                 return
             target = self.state.target
             # Read under the lock: "Use this draft" swaps the shared draft under it too.
-            draft, note = draft_for_mode(self.state.draft, self.compressor, self.state.compressors)
+            draft = self.state.draft
+            compressor, note = compressor_for_mode(draft, self.compressor, self.state.compressors)
             self.queue.put(("started", {"draft_source": self.state.draft_source, "compressor": self.compressor,
                                         "compressor_note": note}))
             inputs = prepare_inputs(target, self.prompt, image=self.image, video=self.video)
-            drafter = engine.EagleDrafter(draft, target)
+            drafter = engine.EagleDrafter(draft, target, compressor=compressor)
             media = {"image": self.image, "video": self.video}
             streams = (("ar", lambda: engine.autoregressive_stream(target, inputs, self.sampling)),
                        ("spec", lambda: engine.speculative_stream(target, drafter, inputs, self.sampling,

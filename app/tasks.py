@@ -1,5 +1,5 @@
-"""Work that runs beside the page: a generic worker thread (`Worker`), per-run draft
-views with another compressor (`DraftView`, `CompressorCache`), the app-wide auto-tree
+"""Work that runs beside the page: a generic worker thread (`Worker`), the per-run
+compressor of a Compare mode (`compressor_for_mode`, `CompressorCache`), the app-wide auto-tree
 result (`AutoTreeCache`) and the benchmark (`benchmark_job`, `write_bench_files`).
 
 Everything here that touches the shared target takes `AppState.lock` for its whole
@@ -123,24 +123,6 @@ def receive(messages: queue.Queue, interval: float):
 
 # ------------------------------------------------------------ drafts, compressors
 
-class DraftView:
-    """The shared draft's weights with a compressor of this run's own. `EagleDrafter`
-    reads `draft.compressor`; everything else is the shared draft's (its `step`,
-    `new_cache`, weights). Setting attributes on the view never touches the shared
-    draft, unlike `copy.copy` of a module, whose submodule registry stays shared."""
-
-    def __init__(self, draft, compressor):
-        object.__setattr__(self, "_draft", draft)
-        self.compressor = compressor
-
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_draft"), name)
-
-    @property
-    def base(self):
-        return object.__getattribute__(self, "_draft")
-
-
 def trained_mode(draft) -> str | None:
     """The compressor mode the draft was trained with, or None."""
     compressor = getattr(draft, "compressor", None)
@@ -167,21 +149,22 @@ class CompressorCache:
             return self._built[key]
 
 
-def draft_for_mode(draft, mode: str | None, cache: CompressorCache) -> tuple[object, str]:
-    """(draft to run, note) for a compressor mode. None: the draft as it is; "off": no
-    compressor; the draft's trained mode: its trained compressor; any other mode: an
-    untrained compressor (the draft still proposes, the target still decides: lossless).
+def compressor_for_mode(draft, mode: str | None, cache: CompressorCache) -> tuple[object, str]:
+    """(compressor for `engine.EagleDrafter(..., compressor=)`, note) for a Compare mode.
+    None: the draft's own ("draft"); "off": no compressor; the draft's trained mode: its
+    trained compressor; any other mode: an untrained compressor (the draft still
+    proposes, the target still decides: lossless). The shared draft is never changed.
     note: "as trained", "off", "trained" or "untrained"."""
     if mode is None:
-        return draft, "as trained"
+        return "draft", "as trained"
     if mode not in COMPRESSOR_MODES:
         raise ParameterError(f"unknown compressor mode {mode!r}; choose one of {', '.join(COMPRESSOR_MODES)}")
     if mode == "off":
-        return DraftView(draft, None), "off"
+        return None, "off"
     if trained_mode(draft) == mode:
-        return DraftView(draft, draft.compressor), "trained"
+        return draft.compressor, "trained"
     p = draft.fuse.weight
-    return DraftView(draft, cache.get(mode, draft.config.hidden_size, p.device, p.dtype)), "untrained"
+    return cache.get(mode, draft.config.hidden_size, p.device, p.dtype), "untrained"
 
 
 # ------------------------------------------------------------------- auto tree
@@ -258,8 +241,7 @@ def benchmark_job(state, suite_name: str, max_new_tokens: int, repeats: int, tre
             tree = tree_from_auto(state.auto_tree.compute(worker))
         worker.acquire(state.lock)
         try:
-            # A view: run_benchmark switches `compressor` per method on what it is given.
-            draft = DraftView(state.draft, state.draft.compressor)
+            draft = state.draft
             worker.report(f"warming up, then case 1 of {len(cases)} ({cases[0].name}) …")
 
             def progress(done, total, name):

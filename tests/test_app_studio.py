@@ -107,15 +107,14 @@ def test_an_unknown_compressor_mode_is_refused(app_state):
     assert "unknown compressor mode 'zip:9'" in next(gen)[0]["error"]
 
 
-def test_draft_view_never_changes_the_shared_draft(app_state):
+def test_compressor_modes_never_change_the_shared_draft(app_state):
     draft = app_state.draft
     before = draft.compressor
-    view = tasks.DraftView(draft, None)
-    view.compressor = object()  # what bench.run_benchmark does to the draft it is given
-    assert draft.compressor is before and view.step.__self__ is draft
-    run_draft, note = tasks.draft_for_mode(draft, "pool:4", app_state.compressors)
-    again, _ = tasks.draft_for_mode(draft, "pool:4", app_state.compressors)
-    assert note == "untrained" and run_draft.compressor is again.compressor  # built once, same weights
+    assert tasks.compressor_for_mode(draft, None, app_state.compressors) == ("draft", "as trained")
+    assert tasks.compressor_for_mode(draft, "off", app_state.compressors) == (None, "off")
+    comp, note = tasks.compressor_for_mode(draft, "pool:4", app_state.compressors)
+    again, _ = tasks.compressor_for_mode(draft, "pool:4", app_state.compressors)
+    assert note == "untrained" and comp is again  # built once, same weights
     assert draft.compressor is before
 
 
