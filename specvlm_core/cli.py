@@ -83,7 +83,8 @@ def cmd_tiny_train(args) -> int:
     from .tiny_vlm import train_tiny_vlm
     metrics = train_tiny_vlm(args.out, minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed, threads=args.threads,
-                             eval_scenes=args.eval_scenes, eval_clips=args.eval_clips)
+                             eval_scenes=args.eval_scenes, eval_clips=args.eval_clips, aux_weight=args.aux_weight,
+                             probe_every_minutes=args.probe_every)
     print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
     return 0
 
@@ -247,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--eval-scenes", type=int, default=200)
     t.add_argument("--eval-clips", type=int, default=100)
+    t.add_argument("--aux-weight", type=float, default=0.5,
+                   help="weight of the dense visual-token object loss (0 = language loss only)")
+    t.add_argument("--probe-every", type=float, default=10.0,
+                   help="minutes between small held-out quality probes logged to train_log.jsonl (0 = none)")
     t.set_defaults(func=cmd_tiny_train)
 
     e = sub.add_parser("tiny-eval", help="measure the quality metrics of a tiny model on held-out world data")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
@@ -88,7 +89,12 @@ class Sample:
     task: str  # "describe" | "count" | "colour" | "position" | "relation" | "motion"
     objects: tuple = ()  # objects visible in the first frame
     events: tuple = ()
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # clips: "per_frame" = the objects of every frame
+
+    def frame_objects(self, frame: int) -> tuple:
+        """The objects visible in one frame (a still image has just frame 0)."""
+        per_frame = self.extra.get("per_frame")
+        return tuple(per_frame[frame]) if per_frame else self.objects
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -147,6 +153,32 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
+OBJECT_RADIUS = {"large": 0.42, "small": 0.24}  # of the shorter side of a grid cell
+
+
+def cell_of(x: float, y: float) -> int:
+    """The 3x3 grid cell (0..8, row-major) of normalised image point (x, y) in [0, 1)."""
+    return min(2, int(y * 3)) * 3 + min(2, int(x * 3))
+
+
+def object_at(objects, x: float, y: float, aspect: float = 1.0, margin: float = 0.0):
+    """The object drawn at normalised image point (x, y) in [0, 1), or None.
+
+    The test is the object's bounding square (as `render` draws it) grown by `margin`
+    (normalised units); aspect = width / height of the canvas."""
+    cell = cell_of(x, y)
+    for o in objects:
+        if o.cell != cell:
+            continue
+        row, col = divmod(cell, 3)
+        # The radius is a fraction of min(cell width, cell height); per axis, normalised.
+        r = OBJECT_RADIUS[o.size] / 3
+        rx, ry = r * min(1.0, 1 / aspect), r * min(aspect, 1.0)
+        if abs(x - (col + 0.5) / 3) <= rx + margin and abs(y - (row + 0.5) / 3) <= ry + margin:
+            return o
+    return None
+
+
 def render(objects, width: int, height: int, background=(200, 200, 200)) -> Image.Image:
     """Draw objects on their grid cells. Large objects fill ~80% of a cell, small ~45%."""
     img = Image.new("RGB", (width, height), background)
@@ -155,7 +187,7 @@ def render(objects, width: int, height: int, background=(200, 200, 200)) -> Imag
     for o in objects:
         row, col = divmod(o.cell, 3)
         cx, cy = (col + 0.5) * cw, (row + 0.5) * ch
-        r = min(cw, ch) * (0.42 if o.size == "large" else 0.24)
+        r = min(cw, ch) * OBJECT_RADIUS[o.size]
         fill = COLOURS[o.colour]
         outline = (90, 90, 90) if o.colour in ("white", "black") else None
         if o.shape == "circle":
@@ -186,6 +218,27 @@ def _object_phrase(o: WorldObject, rng: random.Random, style: int) -> str:
     return f"in the {o.where} a {o.size} {o.name}{label}"
 
 
+def _listing(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def count_answer(objects, noun: str = "object") -> str:
+    """Counting shows its work: the objects in reading order, then the number, as a
+    person would count ("I see a ..., a ... and a ..., so there are three objects")."""
+    n = len(objects)
+    seen = _listing([f"a {o.size} {o.name} in the {o.where}" for o in objects]) if objects else f"no {noun}"
+    return f"I see {seen}, so there {'is' if n == 1 else 'are'} {_count_phrase(n, noun)}."
+
+
+COUNT_PATTERN = re.compile(r"so there (?:is|are) (\w+) ")
+
+
+def stated_count(answer: str) -> str | None:
+    """The number word a count answer ends with ("three"), or None if it states none."""
+    found = COUNT_PATTERN.findall(answer)
+    return found[-1] if found else None
+
+
 def describe_scene(objects, rng: random.Random) -> str:
     """A 20-80 token description in one of several phrasings, objects in reading order."""
     n = len(objects)
@@ -211,13 +264,11 @@ def scene_question(objects, rng: random.Random) -> tuple[str, str, str]:
     if task == "count":
         q = rng.choice(["How many objects are there?", "How many shapes can you see?",
                         "Count the objects in the image."])
-        n = len(objects)
-        return "count", q, f"There {'is' if n == 1 else 'are'} {_count_phrase(n)}."
+        return "count", q, count_answer(objects)
     if task == "count_colour":
         colour = rng.choice([o.colour for o in objects] + [rng.choice(list(COLOURS))])
-        n = sum(o.colour == colour for o in objects)
         return "count", f"How many {colour} objects are there?", \
-            f"There {'is' if n == 1 else 'are'} {_count_phrase(n, colour + ' object')}."
+            count_answer([o for o in objects if o.colour == colour], colour + " object")
     if task == "colour":
         o = rng.choice(objects)
         return "colour", f"What colour is the shape in the {o.where}?", \
@@ -360,11 +411,13 @@ def make_sample(seed: int, kind: str | None = None, task: str | None = None,
     t = task or ("describe" if rng.random() < 0.5 else "motion")
     if t == "describe":
         return Sample("video", frames, rng.choice(VIDEO_DESCRIBE_PROMPTS),
-                      describe_clip(per_frame, events, rng), "describe", tuple(per_frame[0]), tuple(events))
+                      describe_clip(per_frame, events, rng), "describe", tuple(per_frame[0]), tuple(events),
+                      {"per_frame": per_frame})
     q = rng.choice(["What happens in the video?", "What changes during the clip?",
                     "What event takes place in this video?"])
     ans = describe_events(events)
-    return Sample("video", frames, q, ans[5].upper() + ans[6:], "motion", tuple(per_frame[0]), tuple(events))
+    return Sample("video", frames, q, ans[5].upper() + ans[6:], "motion", tuple(per_frame[0]), tuple(events),
+                  {"per_frame": per_frame})
 
 
 def corpus_text(n: int = 4000, seed: int = 0) -> list[str]:

@@ -1,0 +1,51 @@
+"""The world's geometry helpers and the tiny VLM's dense visual-token targets."""
+import torch
+
+from specvlm_core import tiny_vlm, world
+
+
+def test_object_at_finds_the_drawn_object_and_nothing_else():
+    large = world.WorldObject("circle", "red", "large", 4)
+    small = world.WorldObject("star", "blue", "small", 0)
+    img = world.render([large, small], 90, 90)
+    assert world.object_at([large, small], 0.5, 0.5) == large
+    assert world.object_at([large, small], 1 / 6, 1 / 6) == small
+    # A small object's cell corner is background; the pixel there is the background too.
+    assert world.object_at([large, small], 0.02, 0.02) is None
+    assert img.getpixel((2, 2)) == (200, 200, 200)
+    assert img.getpixel((45, 45)) == world.COLOURS["red"]
+
+
+def test_object_extent_follows_the_aspect_ratio():
+    wide = world.WorldObject("square", "green", "large", 4)
+    # On a 2:1 canvas the radius is a fraction of the cell height, so in x it is half as wide.
+    assert world.object_at([wide], 0.5 + 0.42 / 3 * 0.45, 0.5, aspect=2.0) == wide
+    assert world.object_at([wide], 0.5 + 0.42 / 3 * 0.6, 0.5, aspect=2.0) is None
+    assert world.object_at([wide], 0.5, 0.5 + 0.42 / 3 * 0.9, aspect=2.0) == wide
+
+
+def test_visual_token_targets_label_the_tokens_an_object_covers():
+    obj = world.WorldObject("heart", "yellow", "large", 8)
+    sample = world.Sample("image", [world.render([obj], 96, 96)], "q", "a", "describe", (obj,))
+    grid = torch.tensor([[1, 12, 12]])  # 12x12 patches -> 6x6 merged tokens
+    targets = tiny_vlm.visual_token_targets([sample], grid)
+    assert targets.shape == (36, 4)
+    assert targets[0, 3] == 0 and targets[35, 3] == 8 and targets[3, 3] == 1  # grid cells
+    labelled = targets[:, 0].nonzero().flatten().tolist()
+    # Only tokens of the bottom-right 2x2 cell block are labelled, in row-major order.
+    assert labelled and all(i // 6 >= 4 and i % 6 >= 4 for i in labelled)
+    expected = (list(world.COLOURS).index("yellow") + 1, world.SHAPES.index("heart") + 1, 2)
+    assert tuple(targets[labelled[0]].tolist()[:3]) == expected
+
+
+def test_clip_targets_follow_the_frames():
+    sample = next(s for s in (world.make_sample(i, kind="video", n_frames=4) for i in range(50))
+                  if s.events[0].kind == "recolour")
+    grid = torch.tensor([[2, 6, 6]])  # two temporal groups of 3x3 tokens
+    targets = tiny_vlm.visual_token_targets([sample], grid)
+    before, after = targets[:9, 0], targets[9:, 0]
+    changed = list(world.COLOURS).index(sample.events[0].to_colour) + 1
+    recoloured = sample.events[0].obj
+    assert sample.events[0].frame == 2
+    assert (list(world.COLOURS).index(recoloured.colour) + 1) in before.tolist()
+    assert changed in after.tolist()
