@@ -69,7 +69,14 @@ def run_spec(target, inputs, sampling, draft=None, tree=None, media=None, compre
     return engine.collect(engine.speculative_stream(target, drafter, inputs, sampling, tree, media=media))
 
 
-def run_prompt_lookup(target, inputs, sampling, **_):
+def run_prompt_lookup(target, inputs, sampling, tree=None, media=None, **_):
+    """Prompt lookup (n-gram) drafting run by this engine (engine.PromptLookupDrafter,
+    10 tokens per draft like transformers' prompt_lookup_num_tokens=10)."""
+    return engine.collect(engine.speculative_stream(target, engine.PromptLookupDrafter(num_tokens=10), inputs,
+                                                    sampling, tree, media=media))
+
+
+def run_hf_prompt_lookup(target, inputs, sampling, **_):
     """transformers' assisted generation with prompt lookup (n-gram drafts), timed
     end to end like the others. Returns the error text where the model does not
     support it (e.g. Qwen2-VL: the n-gram lookup copies image placeholder tokens
@@ -87,7 +94,7 @@ def run_prompt_lookup(target, inputs, sampling, **_):
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     seconds = time.perf_counter() - t0
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return engine.GenerationResult("prompt_lookup", ids, target.tokenizer.decode(ids, skip_special_tokens=True),
+    return engine.GenerationResult("hf_prompt_lookup", ids, target.tokenizer.decode(ids, skip_special_tokens=True),
                                    seconds, 0, 0.0, [], None)
 
 
@@ -104,13 +111,15 @@ def _stats(res: engine.GenerationResult) -> dict:
 
 
 def run_benchmark(target, draft, cases: list[Case], max_new_tokens: int = 96, repeats: int = 2,
-                  tree: engine.TreeSettings | None = None, methods=("plain", "prompt_lookup", "eagle", "specvlm"),
+                  tree: engine.TreeSettings | None = None,
+                  methods=("plain", "hf_prompt_lookup", "prompt_lookup", "eagle", "specvlm"),
                   progress=None) -> dict:
     """Every method on every case, interleaved (the order rotates per repeat), after a
     discarded warm-up of each. The draft's compressor is on for "specvlm" and off for
     "eagle" (the same trained weights otherwise)."""
     tree = tree or engine.TreeSettings()
-    runners = {"plain": run_plain, "prompt_lookup": run_prompt_lookup, "eagle": run_spec, "specvlm": run_spec}
+    runners = {"plain": run_plain, "hf_prompt_lookup": run_hf_prompt_lookup, "prompt_lookup": run_prompt_lookup,
+               "eagle": run_spec, "specvlm": run_spec}
     results = {m: [] for m in methods}
     unsupported: dict[str, str] = {}
     for ci, case in enumerate(cases):
@@ -186,8 +195,13 @@ def summarise(results: dict, cases, tree, repeats, max_new_tokens, target, unsup
                  "fraction_of_ideal": head["median_speedup"] / (head["mean_tau"] * plain_step_ms / round_ms)
                  if round_ms else None,
                  "overhead_share": head["median_overhead_ms"] / round_ms if round_ms else None}
+    # SpecVLM against prompt lookup, per case (same input and budget), at T=0.
+    lookup = {r["case"]: r for r in results.get("prompt_lookup", []) if r["temperature"] == 0}
+    pairs = [lookup[r["case"]]["seconds"] / r["seconds"] for r in results.get("specvlm", [])
+             if r["temperature"] == 0 and r["case"] in lookup and r["seconds"]]
     return {
         "speedup": head["median_speedup"] if head else None,
+        "vs_prompt_lookup": statistics.median(pairs) if pairs else None,
         "mean_accepted": head["mean_tau"] if head else None,
         "lossless": all(e.get("lossless", True) for e in table if e.get("temperature") == 0.0),
         "hardware": hardware_line(target),

@@ -292,10 +292,11 @@ class EagleDrafter:
         return self.lm_head(features).float().log_softmax(-1)
 
     def start(self, features: torch.Tensor, embeds: torch.Tensor, first_token: int, visual_mask=None,
-              media=None) -> None:
+              media=None, prompt_ids=None) -> None:
         """Draft prefill. features, embeds: [S, H] from the target's prefill; the token
         after the prompt is first_token. visual_mask [S] marks visual prompt tokens (for
-        the compressor, when the draft has one)."""
+        the compressor, when the draft has one). prompt_ids is unused here (the
+        drafter interface shares it with PromptLookupDrafter)."""
         shifted = torch.cat([embeds[1:], self.embed(torch.tensor([first_token], device=embeds.device))])
         if self.compressor is not None and visual_mask is not None:
             # Draft position p holds the embedding of token p+1.
@@ -370,6 +371,58 @@ class EagleDrafter:
             n_cands += child_tokens.numel()
         return select_tree(root_token, torch.cat(cand_tokens).cpu(), torch.cat(cand_scores).cpu(),
                            torch.cat(cand_parents).cpu(), tree.total_tokens, torch.cat(cand_depths).cpu())
+
+
+class PromptLookupDrafter:
+    """Prompt lookup (n-gram) drafting with the EagleDrafter interface, as a baseline.
+
+    The draft is a chain: the tokens that followed the most recent earlier occurrence
+    of the last n tokens (n = max_ngram down to 1) in the prompt and the text so far.
+    Same idea as transformers' `prompt_lookup_num_tokens`, but run by this engine, so it
+    works on every family: visual placeholder tokens never match and are never
+    proposed (copying them is what breaks transformers' own version on Qwen2-VL).
+    No network, no weights: a chain of up to num_tokens nodes, verified like a tree.
+    """
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 3):
+        self.num_tokens = num_tokens
+        self.max_ngram = max_ngram
+        self.history: list[int] = []  # prompt (visual tokens as -1) + emitted tokens
+        self.info: dict = {}
+
+    def start(self, features, embeds, first_token: int, visual_mask=None, media=None, prompt_ids=None) -> None:
+        ids = prompt_ids.tolist() if prompt_ids is not None else []
+        if visual_mask is not None and ids:
+            ids = [-1 if v else t for t, v in zip(ids, visual_mask.tolist())]
+        self.history = ids + [first_token]
+
+    def commit(self, tokens: list[int], features=None) -> None:
+        self.history.extend(tokens)
+
+    def lookup(self) -> list[int]:
+        """The continuation of the latest earlier match of the longest matching suffix."""
+        seq = self.history
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            suffix = seq[-n:]
+            if -1 in suffix:
+                continue
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start:start + n] == suffix:
+                    follow = []
+                    for t in seq[start + n:start + n + self.num_tokens]:
+                        if t < 0:
+                            break
+                        follow.append(t)
+                    if follow:
+                        return follow
+        return []
+
+    def propose(self, root_token: int, tree: TreeSettings | None = None) -> DraftTree:
+        """A chain below the root (tree settings are ignored: lookup has no scores)."""
+        chain = self.lookup()
+        n = len(chain)
+        return DraftTree(tokens=torch.tensor([root_token] + chain), parents=torch.arange(-1, n),
+                         depths=torch.arange(n + 1), scores=torch.zeros(n + 1))
 
 
 # ---------------------------------------------------------------------- the loops
@@ -453,8 +506,8 @@ def autoregressive_stream(target, inputs: dict, sampling: SamplingSettings) -> I
         step += 1
 
 
-def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: SamplingSettings,
-                       tree: TreeSettings, media=None) -> Iterator[RoundEvent]:
+def speculative_stream(target, drafter: "EagleDrafter | PromptLookupDrafter", inputs: dict,
+                       sampling: SamplingSettings, tree: TreeSettings, media=None) -> Iterator[RoundEvent]:
     """Speculative decoding; one event per verification round (the first event is the
     token the prefill produces, exactly as in plain decoding)."""
     tree.validate()
@@ -469,7 +522,8 @@ def speculative_stream(target, drafter: EagleDrafter, inputs: dict, sampling: Sa
         return
     t0 = time.perf_counter()
     media = {**(media or {}), "grid": visual_grid(target, inputs)}
-    drafter.start(features, embeds, root, visual_mask=visual_mask(target, inputs), media=media)
+    drafter.start(features, embeds, root, visual_mask=visual_mask(target, inputs), media=media,
+                  prompt_ids=inputs["input_ids"][0])
     draft_prefill_ms = _ms(t0)
     round_no = 0
     while True:

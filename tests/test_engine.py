@@ -4,6 +4,7 @@ Random drafts make acceptance rare and the trees odd: output must still be ident
 only slower (the test that matters, as in transformers' assisted generation tests).
 """
 import pytest
+import torch
 
 from specvlm_core import engine, testing
 from specvlm_core.draft import new_draft_for
@@ -154,3 +155,31 @@ def test_sampling_preserves_the_target_distribution_end_to_end(family_target, te
     mass_covered = sum(exact.values())
     # The exact table covers the top first tokens only; the uncovered mass is an allowance.
     assert tv < 0.12 + (1 - mass_covered), (tv, mass_covered)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match_and_skips_visual_tokens():
+    drafter = engine.PromptLookupDrafter(num_tokens=3, max_ngram=2)
+    # prompt: 5 6 [img] [img] 7 5 6 9 8; first token 5, then commit 6.
+    prompt = torch.tensor([5, 6, 50, 50, 7, 5, 6, 9, 8])
+    drafter.start(None, None, 5, visual_mask=prompt == 50, prompt_ids=prompt)
+    drafter.commit([6])
+    assert drafter.lookup() == [9, 8, 5]  # the later "5 6" wins; the chain runs on
+    tree = drafter.propose(6)
+    assert tree.tokens.tolist() == [6, 9, 8, 5] and tree.parents.tolist() == [-1, 0, 1, 2]
+    # A continuation stops at a visual token, which is never proposed.
+    drafter = engine.PromptLookupDrafter(num_tokens=4, max_ngram=1)
+    drafter.start(None, None, 6, visual_mask=prompt == 50, prompt_ids=prompt)
+    assert drafter.lookup() == [9, 8, 6]  # ... up to the end of what exists
+    drafter.history = [1, 2, -1, 3, 1]
+    assert drafter.lookup() == [2]
+    assert engine.PromptLookupDrafter().propose(4).tokens.tolist() == [4]  # nothing to copy: root only
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_prompt_lookup_is_lossless(family_target, family):
+    target = family_target(family)
+    inputs = prepare_inputs(target, "Describe the image in detail.", image=testing.tiny_image((64, 64), 3))
+    ref = reference_greedy(target, inputs, 32)
+    res = engine.collect(engine.speculative_stream(target, engine.PromptLookupDrafter(), inputs,
+                                                   engine.SamplingSettings(max_new_tokens=32), engine.TreeSettings()))
+    assert res.token_ids == ref
