@@ -279,10 +279,12 @@ def ablation_cases() -> dict[str, list[Case]]:
 
 
 def run_ablation(target, draft, options=ABLATION_OPTIONS, max_new_tokens: int = 64,
-                 tree: engine.TreeSettings | None = None, progress=None) -> list[dict]:
+                 tree: engine.TreeSettings | None = None, progress=None, repeats: int = 3) -> list[dict]:
     """tau and speedup vs plain for the draft without compressor ("eagle"), each
     primitive forced at its ratio, and the gate's own choice ("select"), per input
-    group. Plain decoding is re-timed next to every option (interleaved)."""
+    group. Every repeat runs plain decoding and then every option once (interleaved, so
+    slow phases of a noisy machine hit all options alike); each row keeps the
+    per-repeat seconds, and speedup = median plain seconds / median option seconds."""
     tree = tree or engine.TreeSettings()
     rows = []
     groups = ablation_cases()
@@ -292,14 +294,23 @@ def run_ablation(target, draft, options=ABLATION_OPTIONS, max_new_tokens: int = 
             media = {"image": case.image, "video": case.video}
             sampling = engine.SamplingSettings(max_new_tokens=max_new_tokens)
             run_plain(target, inputs, sampling)  # warm-up
+            plain_runs, spec_runs = [], {opt: [] for opt in options}
+            for _ in range(repeats):
+                plain_runs.append(run_plain(target, inputs, sampling))
+                for opt in options:
+                    spec_runs[opt].append(run_spec(target, inputs, sampling, draft=draft, tree=tree, media=media,
+                                                   compressor=None if opt == "eagle" else "draft",
+                                                   force=None if opt in ("eagle", "select") else opt))
+            plain = plain_runs[0]
+            plain_s = statistics.median(r.seconds for r in plain_runs)
             for opt in options:
-                plain = run_plain(target, inputs, sampling)
-                spec = run_spec(target, inputs, sampling, draft=draft, tree=tree, media=media,
-                                compressor=None if opt == "eagle" else "draft",
-                                force=None if opt in ("eagle", "select") else opt)
+                spec = spec_runs[opt][0]
+                spec_s = [r.seconds for r in spec_runs[opt]]
                 first = spec.events[1].info if len(spec.events) > 1 else {}
                 rows.append({"group": group, "case": case.name, "option": opt, "tau": spec.mean_accepted,
-                             "speedup": plain.seconds / spec.seconds, "lossless": spec.token_ids == plain.token_ids,
+                             "speedup": plain_s / statistics.median(spec_s), "seconds": spec_s,
+                             "plain_seconds": [r.seconds for r in plain_runs],
+                             "lossless": all(r.token_ids == plain.token_ids for r in spec_runs[opt]),
                              "visual_before": first.get("visual_tokens_before"),
                              "visual_after": first.get("visual_tokens_after"),
                              "draft_prefill_ms": first.get("draft_prefill_ms"),
@@ -307,6 +318,25 @@ def run_ablation(target, draft, options=ABLATION_OPTIONS, max_new_tokens: int = 
             if progress:
                 progress(group, case.name)
     return rows
+
+
+def head_to_head(rows: list[dict], option: str = "select", baseline: str = "eagle") -> dict:
+    """Per input group: option vs baseline from the same ablation run. time_ratio =
+    median over cases and repeats of baseline seconds / option seconds in the same
+    repeat (paired, so machine noise common to both cancels; > 1 means the option is
+    faster); tau_ratio = option tau / baseline tau (mean over cases)."""
+    out = {}
+    for group in dict.fromkeys(r["group"] for r in rows):
+        base = {r["case"]: r for r in rows if r["group"] == group and r["option"] == baseline}
+        opt = {r["case"]: r for r in rows if r["group"] == group and r["option"] == option}
+        pairs = [b / o for case in opt if case in base
+                 for b, o in zip(base[case]["seconds"], opt[case]["seconds"])]
+        taus = [opt[c]["tau"] / base[c]["tau"] for c in opt if c in base and base[c]["tau"]]
+        if pairs:
+            out[group] = {"time_ratio": statistics.median(pairs), "pairs": len(pairs),
+                          "faster_in": sum(p > 1 for p in pairs),
+                          "tau_ratio": statistics.mean(taus) if taus else None}
+    return out
 
 
 def ablation_table(rows: list[dict]) -> str:

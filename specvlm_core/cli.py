@@ -193,11 +193,15 @@ def cmd_ablation(args) -> int:
     draft, source = api.load_draft(target, args.draft)
     if draft.compressor is None:
         raise SpecVLMError(f"the draft {source} has no compressor; train one with distill --compressor select")
-    rows = bench.run_ablation(target, draft, max_new_tokens=args.max_new_tokens,
+    rows = bench.run_ablation(target, draft, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                               progress=lambda g, c: print(f"{g}: {c}", file=sys.stderr))
-    table = bench.ablation_table(rows)
+    versus = bench.head_to_head(rows)
+    table = bench.ablation_table(rows) + "\nSpecVLM (select) vs EagleVLM, paired per repeat:\n\n" + \
+        "| group | EagleVLM s / SpecVLM s (median) | SpecVLM faster in | tau SpecVLM / EagleVLM |\n|---|---|---|---|\n" + \
+        "".join(f"| {g} | {v['time_ratio']:.3f} | {v['faster_in']}/{v['pairs']} | {v['tau_ratio']:.3f} |\n"
+                for g, v in versus.items())
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "select_vs_eagle": versus}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table)
     print(table)
@@ -297,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ab)
     ab.add_argument("--draft", default=None)
     ab.add_argument("--max-new-tokens", type=int, default=64)
+    ab.add_argument("--repeats", type=int, default=3, help="interleaved repeats per option and input (default 3)")
     ab.add_argument("--json", default=None)
     ab.add_argument("--markdown", default=None)
     ab.set_defaults(func=cmd_ablation)

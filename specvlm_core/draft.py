@@ -198,13 +198,15 @@ class EagleDraft(nn.Module):
         cfg = self.config
         n = embeds.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qkv_weight, gate_up_weight = self._fused_weights()
         x = self.fuse(torch.cat([self.norm_embed(embeds), self.norm_feature(features)], dim=-1))
         cos_table, sin_table = self._rotary_cache(int(positions.max()) + 1, x.dtype, x.device)
         cos, sin = cos_table[positions], sin_table[positions]
-        y = self.attn_norm(x)
-        q = apply_rotary(self.q_proj(y).view(n, nh, hd).transpose(0, 1), cos, sin)
-        k = apply_rotary(self.k_proj(y).view(n, nkv, hd).transpose(0, 1), cos, sin)
-        v = self.v_proj(y).view(n, nkv, hd).transpose(0, 1)
+        # One matmul for q, k and v, and one rotary pass over q and k together: at batch
+        # 1 on a CPU the draft's cost is mostly the number of ops, not their size.
+        qkv = F.linear(self.attn_norm(x), qkv_weight).view(n, nh + 2 * nkv, hd).transpose(0, 1)
+        qk = apply_rotary(qkv[:nh + nkv], cos, sin)
+        q, k, v = qk[:nh], qk[nh:], qkv[nh + nkv:]
         cache.ensure_capacity(visible.shape[1])
         cache.k[:, slots] = k
         cache.v[:, slots] = v
@@ -213,8 +215,19 @@ class EagleDraft(nn.Module):
         attn = F.scaled_dot_product_attention(q, cache.k[:, :length], cache.v[:, :length], attn_mask=visible[None],
                                               enable_gqa=nh != nkv)
         x = x + self.o_proj(attn.transpose(0, 1).reshape(n, nh * hd))
-        y = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+        gate, up = F.linear(self.mlp_norm(x), gate_up_weight).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q; k; v] and [gate; up] weights concatenated for the inference path, rebuilt
+        whenever a weight changes (the distillation trainer measures tau mid-training)."""
+        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
+                 self.up_proj.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
+        if getattr(self, "_fused_key", None) != key:
+            self._fused = (torch.cat(parts[:3]).detach(), torch.cat(parts[3:]).detach())
+            self._fused_key = key
+        return self._fused
 
     # ------------------------------------------------------------------- persistence
     def save_pretrained(self, out_dir: str | Path) -> None:

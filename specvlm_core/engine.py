@@ -348,15 +348,15 @@ class EagleDrafter:
         frontier_scores = scores.reshape(-1)[frontier]
         prefix_vis = torch.ones(k, base, dtype=torch.bool, device=device)
         n_cands = tokens.numel()
+        frontier_tokens = tokens.reshape(-1)[frontier]
+        rows = torch.arange(k, device=device)
         for level in range(1, tree.depth):
             n = frontier_ids.numel()
             first = (level - 1) * k
-            frontier_vis[torch.arange(n, device=device), first + torch.arange(n, device=device)] = True
+            frontier_vis[rows[:n], first + rows[:n]] = True
             visible = torch.cat([prefix_vis[:n], frontier_vis[:, :first + n]], dim=1)
-            out = self.draft.step(self.embed(torch.cat(cand_tokens)[frontier_ids]), frontier_features,
-                                  torch.full((n,), base - 1 + level, device=device),
-                                  torch.arange(base + first, base + first + n, device=device), visible,
-                                  self.cache)
+            out = self.draft.step(self.embed(frontier_tokens), frontier_features,
+                                  rows[:n] * 0 + (base - 1 + level), base + first + rows[:n], visible, self.cache)
             child_tokens, child_scores, nxt = expand_frontier(frontier_scores, self._logprobs(out), k)
             per_parent = child_tokens.shape[1]
             cand_tokens.append(child_tokens.reshape(-1))
@@ -367,6 +367,7 @@ class EagleDrafter:
             frontier_features = out[parent_rows]
             frontier_vis = frontier_vis[parent_rows]
             frontier_scores = child_scores.reshape(-1)[nxt]
+            frontier_tokens = child_tokens.reshape(-1)[nxt]
             frontier_ids = nxt + n_cands
             n_cands += child_tokens.numel()
         return select_tree(root_token, torch.cat(cand_tokens).cpu(), torch.cat(cand_scores).cpu(),

@@ -118,3 +118,30 @@ def test_parameter_table_lists_every_primitive():
     rows = {r["primitive"]: r for r in C.parameter_table(256)}
     assert set(rows) >= {"prune_random", "prune_guided", "pool", "conv", "resampler", "text_only", "gate"}
     assert rows["pool"]["params"] == 0 and rows["conv"]["params"] > 0 and rows["resampler"]["params"] > 0
+
+
+def test_head_to_head_pairs_repeats_and_reports_tau():
+    from specvlm_core import bench
+    rows = [
+        {"group": "clips", "case": "a", "option": "eagle", "tau": 5.0, "seconds": [1.0, 1.2, 0.9]},
+        {"group": "clips", "case": "a", "option": "select", "tau": 4.9, "seconds": [0.9, 1.25, 0.8]},
+        {"group": "clips", "case": "b", "option": "eagle", "tau": 6.0, "seconds": [2.0, 2.0, 2.0]},
+        {"group": "clips", "case": "b", "option": "select", "tau": 6.0, "seconds": [1.0, 4.0, 2.0]},
+    ]
+    v = bench.head_to_head(rows)["clips"]
+    # pairs: 1.111, 0.96, 1.125, 2.0, 0.5, 1.0 -> median 1.0555...
+    assert v["pairs"] == 6 and v["faster_in"] == 4
+    assert v["time_ratio"] == pytest.approx((1.0 / 0.9 + 1.0) / 2)
+    assert v["tau_ratio"] == pytest.approx((4.9 / 5.0 + 1.0) / 2)
+
+
+def test_ablation_runs_every_option_losslessly_on_the_embedded_model(embedded_target):
+    from specvlm_core import api, bench
+    draft, _ = api.load_draft(embedded_target, None)
+    rows = bench.run_ablation(embedded_target, draft, options=("eagle", "pool:4", "select"), max_new_tokens=6,
+                              repeats=2)
+    assert {r["group"] for r in rows} == {"small images", "large images", "clips"}
+    assert all(r["lossless"] and len(r["seconds"]) == 2 and r["speedup"] > 0 for r in rows)
+    pooled = [r for r in rows if r["option"] == "pool:4"]
+    assert all(r["visual_after"] < r["visual_before"] for r in pooled)
+    assert "| pool:4 |" in bench.ablation_table(rows)
