@@ -319,6 +319,9 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
 
 # ----------------------------------------------------------------------- evaluation
 
+VERBS = {"move": " moves ", "appear": " appears ", "disappear": " disappears ", "recolour": " turns "}
+
+
 def _mentions_all_objects(text: str, objects) -> bool:
     text = text.lower()
     return all(o.name in text for o in objects)
@@ -349,7 +352,10 @@ def evaluate_quality(model, processor, n_scenes: int = 200, n_clips: int = 100,
     - describe_all_objects: fraction of scene descriptions naming every object's
       colour+shape;
     - count_accuracy: fraction of count answers whose final number is right;
-    - motion_accuracy: fraction of clips whose answer states every event exactly.
+    - motion_accuracy: fraction of clips whose answer states every event exactly;
+    - object_{name,colour,shape,where}_recall: over all objects of all scenes, the
+      fraction whose colour+shape / colour / shape / cell the description mentions;
+    - motion_kind_accuracy: fraction of clips whose answer names the first event's kind.
     """
     model.eval()
     scenes = [world.make_sample(seed + i, kind="image", task="describe") for i in range(n_scenes)]
@@ -359,11 +365,19 @@ def evaluate_quality(model, processor, n_scenes: int = 200, n_clips: int = 100,
     count_ans = greedy_answers(model, processor, counts)
     motion_ans = greedy_answers(model, processor, clips)
     desc_ok = sum(_mentions_all_objects(t, s.objects) for t, s in zip(descs, scenes))
+    # Per object, which parts of it the description gets right (where the misses are).
+    objects = [(o, t.lower()) for t, s in zip(descs, scenes) for o in s.objects]
+    parts = {"name": lambda o: o.name, "colour": lambda o: f"{o.colour} ", "shape": lambda o: f" {o.shape}",
+             "where": lambda o: o.where}
+    recall = {f"object_{k}_recall": sum(f(o) in t for o, t in objects) / max(1, len(objects))
+              for k, f in parts.items()}
     count_ok = sum(world.stated_count(t) == world.stated_count(s.answer) for t, s in zip(count_ans, counts))
     motion_ok = sum(all(e.sentence() in t.lower() for e in s.events) for t, s in zip(motion_ans, clips))
     return {"describe_all_objects": desc_ok / max(1, n_scenes),
             "count_accuracy": count_ok / max(1, n_scenes),
-            "motion_accuracy": motion_ok / max(1, n_clips),
+            "motion_accuracy": motion_ok / max(1, n_clips), **recall,
+            "motion_kind_accuracy": sum(VERBS[s.events[0].kind] in t.lower() for t, s in zip(motion_ans, clips))
+            / max(1, n_clips),
             "n_scenes": n_scenes, "n_clips": n_clips,
             "examples": [{"question": s.question, "answer": s.answer, "prediction": t}
                          for s, t in list(zip(scenes, descs))[:3] + list(zip(clips, motion_ans))[:2]]}
@@ -386,6 +400,13 @@ def write_model_card(model_dir: str | Path) -> Path:
                        "\n".join(f"| {p['seconds'] / 60:.0f} | {p['step']} | {p['probe']['describe_all_objects']:.0%} | "
                                  f"{p['probe']['count_accuracy']:.0%} | {p['probe']['motion_accuracy']:.0%} |"
                                  for p in probes))
+    diagnostics = ""
+    if "object_name_recall" in metrics:
+        diagnostics = ("\nWhere the misses are (over every object of the 200 described scenes: the share whose "
+                       f"colour+shape / colour / shape / grid cell the description mentions): "
+                       f"{metrics['object_name_recall']:.0%} / {metrics['object_colour_recall']:.0%} / "
+                       f"{metrics['object_shape_recall']:.0%} / {metrics['object_where_recall']:.0%}; clips whose "
+                       f"answer names the right kind of event: {metrics['motion_kind_accuracy']:.0%}.\n")
     examples = "\n".join(f"- Q: {e['question']}\n  - truth: {e['answer']}\n  - model: {e['prediction']}"
                          for e in metrics.get("examples", []))
     card = f"""# tiny-vlm: the embedded target model of SpecVLM Studio
@@ -452,7 +473,7 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 | motion statements exactly right ({metrics['n_clips']} clips) | {metrics['motion_accuracy']:.1%} | >= 80% |
 
 Reproduce: `python -m specvlm_core tiny-eval --model assets/tiny-vlm`.
-
+{diagnostics}
 {probe_table}
 
 Examples:
