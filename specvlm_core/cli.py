@@ -108,7 +108,8 @@ def cmd_distill(args) -> int:
                         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                         eval_samples=args.eval_samples, self_distill=args.self_distill, seed=args.seed,
                         keep_checkpoints=args.keep_checkpoints, trust_remote_code=args.trust_remote_code,
-                        compressor={"mode": args.compressor} if args.compressor != "off" else None)
+                        compressor={"mode": args.compressor} if args.compressor != "off" else None,
+                        gate_supervision=args.gate_supervision)
     if cfg.steps is None and cfg.epochs is None:
         cfg.steps = 200
     from . import api
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (older ones pruned)")
     d.add_argument("--self-distill", action="store_true", help="train on the target's own greedy answers")
     d.add_argument("--compressor", default="off", help="off, or a compressor mode (see docs)")
+    d.add_argument("--gate-supervision", choices=("regret", "cost"), default="regret",
+                   help="how a select gate learns: towards the measured best option per example (regret, "
+                        "default) or through the straight-through estimator and expected cost (cost)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)
 

@@ -18,11 +18,16 @@ inference), "weighted" (the gate mixes prune, pool and conv at one ratio), "conc
 (multi-granularity: pool and resampler outputs side by side), or a fixed option name
 such as "pool:4".
 
-Beyond the paper, the gate chooses the ratio as well, and training adds a cost term:
-lambda_cost * sum_i P(option i) * kept_tokens_i * ms_per_token, where ms_per_token is
-the draft's measured prefill cost per visual token. Large inputs (high-resolution
-images, long clips) make low ratios expensive, so the gate learns to compress them
-harder; small inputs keep detail because their cost is negligible.
+Beyond the paper, the gate chooses the ratio as well, and it is trained towards the
+option with the best trade-off for each input: the distillation trainer measures, on
+one example per batch, the draft's loss on the answer tokens under every option, and
+the gate learns (cross-entropy) to pick argmin_i loss_i + lambda_cost * kept_tokens_i *
+ms_per_token, where ms_per_token is the draft's measured prefill cost per visual token
+(`best_option`). Large inputs (high-resolution images, long clips) make low ratios
+expensive, so they get compressed harder; inputs whose answers need the pixels keep
+more of them. (The alternative, gate_supervision="cost", trains the gate only through
+the straight-through estimator plus the expected cost lambda_cost * sum_i P(i) * cost_i;
+with one option tried per example it cannot compare options and drifts to the cheapest.)
 """
 from __future__ import annotations
 
@@ -178,6 +183,15 @@ class VisualCompressor(nn.Module):
                              torch.tensor([math.log1p(n_visual)], device=vis.device)])
         return self.gate(summary.to(self.gate[0].weight.dtype)).float()
 
+    def option_costs(self, n: int, grid) -> torch.Tensor:
+        """[n_options] the draft's prefill cost of each option's kept tokens, in ms."""
+        return torch.tensor([self.kept_tokens(o, n, grid) * self.ms_per_token for o in self.options])
+
+    def best_option(self, option_losses: torch.Tensor, n: int, grid) -> int:
+        """The option a gate should pick for one input: the lowest draft loss (nats per
+        answer token under that option) + lambda_cost x its prefill cost (ms)."""
+        return int((option_losses.float().cpu() + self.lambda_cost * self.option_costs(n, grid)).argmin())
+
     def kept_tokens(self, option: Option, n: int, grid) -> int:
         if option.primitive == "none":
             return n
@@ -255,9 +269,7 @@ class VisualCompressor(nn.Module):
                     hard = F.gumbel_softmax(logits, tau=1.0, hard=True)
                     choice = int(hard.argmax())
                     weight = hard[choice]  # 1.0 forward, straight-through gradient to the gate
-                costs = torch.tensor([self.kept_tokens(o, n, grid) * self.ms_per_token for o in self.options],
-                                     device=probs.device)
-                cost = self.lambda_cost * (probs * costs).sum()
+                cost = self.lambda_cost * (probs * self.option_costs(n, grid).to(probs.device)).sum()
             else:
                 choice, weight = int(probs.argmax()), None
         option = self.options[choice]

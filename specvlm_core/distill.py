@@ -62,6 +62,9 @@ class DistillConfig:
     unroll: int = 2  # passes per batch; passes > 1 feed the draft its own features
     self_distill: bool = False  # replace answers with the target's greedy answers
     compressor: dict | None = None  # compressor config (see specvlm_core.compressor)
+    # How a "select" gate learns: "regret" (towards the best option measured on one
+    # example per batch, see compressor.best_option) or "cost" (straight-through + cost).
+    gate_supervision: str = "regret"
     out_dir: str = "runs/draft"
     checkpoint_every: int = 50
     eval_every: int = 50
@@ -89,6 +92,8 @@ class DistillConfig:
             raise ParameterError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ParameterError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.gate_supervision not in ("regret", "cost"):
+            raise ParameterError(f"gate supervision must be 'regret' or 'cost', got {self.gate_supervision!r}")
         if self.data != "generated" and not Path(self.data).is_file():
             raise InputError(f"data file not found: {self.data}")
 
@@ -266,22 +271,15 @@ def distill_loss(draft, lm_head: torch.nn.Module, outs: list[TeacherOutput], con
     argmax on trained positions)."""
     device = next(draft.parameters()).device
     inputs_e, inputs_f, targets_f, targets_l, masks, cost_terms = [], [], [], [], [], []
+    regret = (compressor is not None and compressor.mode == "select" and len(compressor.options) > 1
+              and config.gate_supervision == "regret")
+    gate_term = None
     for o in outs:
-        embeds_in, feats_in, feats_out, logits_out, mask = (o.embeds[1:], o.features[:-1], o.features[1:],
-                                                            o.logits[1:], o.loss_mask)
-        if compressor is not None:
-            # Draft position p carries the embedding of token p+1: shift the visual mask.
-            embeds_in, feats_in, info = compressor.compress_sequence(embeds_in, feats_in, o.visual_mask[1:],
-                                                                     o.media, training=True)
-            # Positions the compressor made up (pooled, resampled) have no teacher target;
-            # they are visual positions, which are never trained on anyway.
-            if "cost_loss" in info:
-                cost_terms.append(info["cost_loss"])
-            src = info["source_index"].to(feats_out.device)
-            real = src >= 0
-            feats_out = torch.where(real[:, None], feats_out[src.clamp(min=0)], torch.zeros_like(feats_in))
-            logits_out = logits_out[src.clamp(min=0)]
-            mask = mask[src.clamp(min=0).cpu()] & real.cpu()
+        embeds_in, feats_in, feats_out, logits_out, mask, info = draft_view(o, compressor)
+        if "cost_loss" in info and not regret:
+            cost_terms.append(info["cost_loss"])
+        if regret and gate_term is None and info.get("visual_tokens_before"):
+            gate_term = gate_regret_loss(draft, lm_head, o, compressor)
         inputs_e.append(embeds_in)
         inputs_f.append(feats_in)
         targets_f.append(feats_out)
@@ -318,8 +316,61 @@ def distill_loss(draft, lm_head: torch.nn.Module, outs: list[TeacherOutput], con
         feats_in = torch.cat([f[:, :1], pred[:, :-1].detach().to(f.dtype)], dim=1)
     if cost_terms:
         total = total + torch.stack(cost_terms).mean()
-    return {"loss": total, "logit": torch.stack(logit_terms).mean(), "feat": torch.stack(feat_terms).mean(),
-            "top1": top1.detach()}
+    out = {"loss": total, "logit": torch.stack(logit_terms).mean(), "feat": torch.stack(feat_terms).mean(),
+           "top1": top1.detach()}
+    if gate_term is not None:
+        out["loss"] = total + gate_term["loss"]
+        out["gate"] = gate_term["loss"].detach()
+    return out
+
+
+def draft_view(o: "TeacherOutput", compressor=None, force=None, training: bool = True):
+    """What the draft trains on for one teacher output, after its compressor.
+
+    Returns (embeds_in [S', H], feats_in [S', H], feats_out [S', H], logits_out [S', V],
+    loss mask [S'], compressor info). Draft position p carries the embedding of token
+    p+1, so the visual mask is shifted by one."""
+    embeds_in, feats_in, feats_out, logits_out, mask = (o.embeds[1:], o.features[:-1], o.features[1:],
+                                                        o.logits[1:], o.loss_mask)
+    if compressor is None:
+        return embeds_in, feats_in, feats_out, logits_out, mask, {}
+    embeds_in, feats_in, info = compressor.compress_sequence(embeds_in, feats_in, o.visual_mask[1:], o.media,
+                                                             training=training, force=force)
+    # Positions the compressor made up (pooled, resampled) have no teacher target;
+    # they are visual positions, which are never trained on anyway.
+    src = info["source_index"].to(feats_out.device)
+    real = src >= 0
+    feats_out = torch.where(real[:, None], feats_out[src.clamp(min=0)], torch.zeros_like(feats_in))
+    logits_out = logits_out[src.clamp(min=0)]
+    mask = mask[src.clamp(min=0).cpu()] & real.cpu()
+    return embeds_in, feats_in, feats_out, logits_out, mask, info
+
+
+def gate_regret_loss(draft, lm_head: torch.nn.Module, o: "TeacherOutput", compressor) -> dict:
+    """Train the select gate towards the best option for one example.
+
+    Runs the draft (no gradient) under every option, measures its cross-entropy against
+    the teacher on the answer tokens, and returns the gate's cross-entropy towards
+    compressor.best_option (loss + lambda_cost x prefill ms). Returns {"loss", "target",
+    "option_losses" [n_options]}."""
+    device = next(draft.parameters()).device
+    losses = []
+    with torch.no_grad():
+        for option in compressor.options:
+            e, f, _, tl, m, _ = draft_view(o, compressor, force=option)
+            logp = lm_head(draft(e[None].to(device), f[None].to(device))).float().log_softmax(-1)[0]
+            ce = -(tl.float().softmax(-1) * logp).sum(-1)
+            m = m.to(ce.device)
+            losses.append((ce * m).sum() / m.sum().clamp(min=1))
+    losses = torch.stack(losses)
+    embeds_in, feats_in, visual = o.embeds[1:], o.features[:-1], o.visual_mask[1:].to(o.embeds.device)
+    n = int(visual.sum())
+    from .compressor import grid_for
+    grid = grid_for(n, (o.media or {}).get("grid"))
+    target = compressor.best_option(losses, n, grid)
+    logits = compressor.gate_logits(embeds_in, feats_in, visual, n)
+    loss = F.cross_entropy(logits[None], torch.tensor([target], device=logits.device))
+    return {"loss": loss, "target": target, "option_losses": losses.cpu()}
 
 
 # ------------------------------------------------------------------ evaluation
@@ -537,16 +588,19 @@ def train(config: DistillConfig, target: Target | None = None, on_metrics: Calla
             metrics = {"step": step, "epoch": round(step * config.batch_size / per_epoch, 4),
                        "loss": float(losses["loss"].detach()), "loss_logit": float(losses["logit"]),
                        "loss_feat": float(losses["feat"]), "top1": float(losses["top1"]),
+                       **({"loss_gate": float(losses["gate"])} if "gate" in losses else {}),
                        "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 2)}
             progress.step, progress.epoch = step, metrics["epoch"]
             progress.eta_s = elapsed / steps_done * (total - step)
             progress.skipped_records = source.skipped
-            if eval_set and (step % config.eval_every == 0 or step == total) and accelerator.is_main_process:
+            due = step == total or (config.eval_every > 0 and step % config.eval_every == 0)  # 0: at the end only
+            if eval_set and due and accelerator.is_main_process:
                 raw_draft.eval()
                 metrics["tau"] = evaluate_draft(target, _as_inference(raw_draft, target), eval_set,
                                                 max_new_tokens=config.eval_max_new_tokens)["tau"]
                 raw_draft.train()
-            if accelerator.is_main_process and (step % config.checkpoint_every == 0 or step == total):
+            if accelerator.is_main_process and (step == total or (config.checkpoint_every > 0
+                                                                 and step % config.checkpoint_every == 0)):
                 progress.last_checkpoint = str(save_checkpoint(
                     out_dir, step, raw_draft, optimizer, {"config": json.dumps(asdict(config))},
                     keep=config.keep_checkpoints))

@@ -400,6 +400,11 @@ def write_model_card(model_dir: str | Path) -> Path:
                        "\n".join(f"| {p['seconds'] / 60:.0f} | {p['step']} | {p['probe']['describe_all_objects']:.0%} | "
                                  f"{p['probe']['count_accuracy']:.0%} | {p['probe']['motion_accuracy']:.0%} |"
                                  for p in probes))
+    missed = [name for name, key, goal in (("descriptions", "describe_all_objects", 0.9),
+                                           ("counts", "count_accuracy", 0.85), ("motion", "motion_accuracy", 0.8))
+              if metrics[key] < goal]
+    status = ("**Status: every quality target is met.**" if not missed else
+              f"**Status: quality targets NOT met for {', '.join(missed)}.** See the diagnostics below.")
     diagnostics = ""
     if "object_name_recall" in metrics:
         diagnostics = ("\nWhere the misses are (over every object of the 200 described scenes: the share whose "
@@ -469,10 +474,12 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 | metric | value | target |
 |---|---|---|
 | descriptions naming every object's colour+shape ({metrics['n_scenes']} scenes) | {metrics['describe_all_objects']:.1%} | >= 90% |
-| count questions exactly right ({metrics['n_scenes']} scenes) | {metrics['count_accuracy']:.1%} | >= 85% |
+| count questions: final number right ({metrics['n_scenes']} scenes) | {metrics['count_accuracy']:.1%} | >= 85% |
 | motion statements exactly right ({metrics['n_clips']} clips) | {metrics['motion_accuracy']:.1%} | >= 80% |
 
 Reproduce: `python -m specvlm_core tiny-eval --model assets/tiny-vlm`.
+
+{status}
 {diagnostics}
 {probe_table}
 

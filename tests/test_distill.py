@@ -188,3 +188,45 @@ def test_sigkill_during_training_leaves_a_resumable_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert distill.load_trainer_state(distill.list_checkpoints(out)[-1])["step"] == last_step + 1
     assert (out / "draft.safetensors").is_file()
+
+
+def test_gate_learns_towards_the_measured_best_option(family_target):
+    """The select gate's target is argmin(draft loss under the option + lambda x prefill ms),
+    measured under every option; training on it moves the gate's choice there."""
+    from specvlm_core import compressor as C
+    from specvlm_core.draft import new_draft_for
+    target = family_target("qwen2_vl")
+    draft = new_draft_for(target)
+    draft.compressor = C.VisualCompressor(draft.config.hidden_size, mode="select", explore=0.0)
+    ex = distill.Example("Describe the image.", "A red circle.", image=testing.tiny_image((96, 96), 2))
+    out = distill.teacher_forward(target, ex)
+    lm_head = target.model.get_output_embeddings()
+    term = distill.gate_regret_loss(draft, lm_head, out, draft.compressor)
+    n = int(out.visual_mask[1:].sum())
+    grid = C.grid_for(n, out.media.get("grid"))
+    assert term["option_losses"].shape == (len(draft.compressor.options),)
+    assert torch.isfinite(term["option_losses"]).all() and torch.isfinite(term["loss"])
+    assert term["target"] == draft.compressor.best_option(term["option_losses"], n, grid)
+    # A huge cost per token makes the cheapest option (text only) the target.
+    draft.compressor.lambda_cost = 1e6
+    cheap = distill.gate_regret_loss(draft, lm_head, out, draft.compressor)["target"]
+    assert str(draft.compressor.options[cheap]) == "text_only:0"
+    # A few gate-only steps on that target make it the gate's choice.
+    opt = torch.optim.Adam(draft.compressor.gate.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = distill.gate_regret_loss(draft, lm_head, out, draft.compressor)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, _, info = draft.compressor.compress_sequence(out.embeds[1:], out.features[:-1], out.visual_mask[1:], out.media)
+    assert info["primitive"] == "text_only"
+
+
+def test_distillation_with_a_select_compressor_logs_the_gate_loss(family_target, tmp_path):
+    target = family_target("qwen2_vl")
+    metrics = []
+    cfg = quick_config(tmp_path, steps=2, eval_every=0, compressor={"mode": "select"})
+    distill.train(cfg, target=target, on_metrics=metrics.append, show_bar=False)
+    assert all("loss_gate" in m and m["loss_gate"] >= 0 for m in metrics)
+    with pytest.raises(SpecVLMError):
+        distill.DistillConfig(gate_supervision="vibes").validate()
