@@ -349,14 +349,15 @@ class EagleDrafter:
         prefix_vis = torch.ones(k, base, dtype=torch.bool, device=device)
         n_cands = tokens.numel()
         frontier_tokens = tokens.reshape(-1)[frontier]
-        rows = torch.arange(k, device=device)
+        rows = torch.arange(k, device=device)  # frontier rows, and their slot offsets in a level's block
         for level in range(1, tree.depth):
             n = frontier_ids.numel()
             first = (level - 1) * k
             frontier_vis[rows[:n], first + rows[:n]] = True
             visible = torch.cat([prefix_vis[:n], frontier_vis[:, :first + n]], dim=1)
             out = self.draft.step(self.embed(frontier_tokens), frontier_features,
-                                  rows[:n] * 0 + (base - 1 + level), base + first + rows[:n], visible, self.cache)
+                                  torch.full((n,), base - 1 + level, device=device), base + first + rows[:n], visible,
+                                  self.cache)
             child_tokens, child_scores, nxt = expand_frontier(frontier_scores, self._logprobs(out), k)
             per_parent = child_tokens.shape[1]
             cand_tokens.append(child_tokens.reshape(-1))
