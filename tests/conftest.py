@@ -39,3 +39,21 @@ def app_target(request):
     if (Path(models.DEFAULT_MODEL) / "config.json").exists():
         return request.getfixturevalue("embedded_target")
     return request.getfixturevalue("family_target")("qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def app_state(app_target):
+    """The app's shared state on app_target, one per test module."""
+    from app import AppState
+    return AppState.from_target(app_target)
+
+
+@pytest.fixture(scope="module")
+def server(app_state):
+    """The app on app_state (a module may override app_state), served locally; its URL."""
+    from apphelpers import serve
+
+    from app import build_demo
+    demo = build_demo(app_state)
+    yield serve(demo)
+    demo.close()

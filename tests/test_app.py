@@ -13,7 +13,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from apphelpers import serve  # noqa: E402
 from app import AppState, build_demo  # noqa: E402
 from app import handlers, plots, render  # noqa: E402
 from app.state import Session  # noqa: E402
@@ -26,18 +25,6 @@ FAST = dict(max_new_tokens=24)  # keeps every comparison well under a second on 
 # pandas deprecations inside gradio; gr.Warning outside a request is a UserWarning
 pytestmark = [pytest.mark.filterwarnings("ignore:::gradio.queueing"),
               pytest.mark.filterwarnings("ignore:::gradio.helpers")]
-
-
-@pytest.fixture(scope="module")
-def app_state(app_target):
-    return AppState.from_target(app_target)
-
-
-@pytest.fixture(scope="module")
-def server(app_state):
-    demo = build_demo(app_state)
-    yield serve(demo)
-    demo.close()
 
 
 @pytest.fixture()

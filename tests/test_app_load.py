@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 
 from apphelpers import serve  # noqa: E402
-from app import AppState, build_demo, handlers  # noqa: E402
+from app import build_demo, handlers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -40,19 +40,6 @@ CASES = [
     dict(path="shapes_96.png", question="List the shapes you see.", max_new_tokens=28, tree_top_k=3, tree_depth=5,
          tree_total=12, compressor="concat"),
 ]
-
-
-@pytest.fixture(scope="module")
-def app_state(app_target):
-    return AppState.from_target(app_target)
-
-
-@pytest.fixture(scope="module")
-def server(app_state):
-    demo = build_demo(app_state)
-    url = serve(demo)
-    yield url
-    demo.close()
 
 
 def client_for(url):

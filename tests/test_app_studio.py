@@ -18,8 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from apphelpers import serve  # noqa: E402
-from app import AppState, build_demo  # noqa: E402
+from app import AppState  # noqa: E402
 from app import handlers, tasks, training  # noqa: E402
 from specvlm_core import autotune  # noqa: E402
 
@@ -43,13 +42,6 @@ def app_state(app_target, tmp_path_factory):
         job.cancel()
         job.wait(30)
     mp.undo()
-
-
-@pytest.fixture(scope="module")
-def server(app_state):
-    demo = build_demo(app_state)
-    yield serve(demo)
-    demo.close()
 
 
 def new_client(url):
