@@ -220,7 +220,8 @@ def training_figure(metrics: list[dict]) -> go.Figure:
 
 # -------------------------------------------------------------- Benchmark tab
 
-METHOD_COLOURS = {"prompt_lookup": "#a855f7", "hf_prompt_lookup": "#d8b4fe", "eagle": "#0ea5e9", "specvlm": SPEC_COLOUR, "plain": AR_COLOUR}
+METHOD_COLOURS = {"prompt_lookup": "#a855f7", "hf_prompt_lookup": "#d8b4fe", "eagle": "#0ea5e9",
+                  "specvlm": SPEC_COLOUR, "plain": AR_COLOUR}
 
 
 def benchmark_figure(report: dict | None) -> go.Figure:

@@ -339,6 +339,14 @@ def head_to_head(rows: list[dict], option: str = "select", baseline: str = "eagl
     return out
 
 
+def head_to_head_table(versus: dict) -> str:
+    """Markdown of head_to_head's result, one row per input group."""
+    return ("| group | EagleVLM s / SpecVLM s (median) | SpecVLM faster in | tau SpecVLM / EagleVLM |\n"
+            "|---|---|---|---|\n" +
+            "".join(f"| {g} | {v['time_ratio']:.3f} | {v['faster_in']}/{v['pairs']} | {v['tau_ratio']:.3f} |\n"
+                    for g, v in versus.items()))
+
+
 def ablation_table(rows: list[dict]) -> str:
     """Markdown: one row per option, speedup / tau per input group (means over cases)."""
     groups = list(dict.fromkeys(r["group"] for r in rows))

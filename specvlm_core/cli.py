@@ -197,10 +197,8 @@ def cmd_ablation(args) -> int:
     rows = bench.run_ablation(target, draft, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                               progress=lambda g, c: print(f"{g}: {c}", file=sys.stderr))
     versus = bench.head_to_head(rows)
-    table = bench.ablation_table(rows) + "\nSpecVLM (select) vs EagleVLM, paired per repeat:\n\n" + \
-        "| group | EagleVLM s / SpecVLM s (median) | SpecVLM faster in | tau SpecVLM / EagleVLM |\n|---|---|---|---|\n" + \
-        "".join(f"| {g} | {v['time_ratio']:.3f} | {v['faster_in']}/{v['pairs']} | {v['tau_ratio']:.3f} |\n"
-                for g, v in versus.items())
+    table = (bench.ablation_table(rows) + "\nSpecVLM (select) vs EagleVLM, paired per repeat:\n\n"
+             + bench.head_to_head_table(versus))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "select_vs_eagle": versus}, indent=2))
     if args.markdown:

@@ -357,17 +357,16 @@ def gate_regret_loss(draft, lm_head: torch.nn.Module, o: "TeacherOutput", compre
     losses = []
     with torch.no_grad():
         for option in compressor.options:
-            e, f, _, tl, m, _ = draft_view(o, compressor, force=option)
+            e, f, _, tl, m, info = draft_view(o, compressor, force=option)
             logp = lm_head(draft(e[None].to(device), f[None].to(device))).float().log_softmax(-1)[0]
             ce = -(tl.float().softmax(-1) * logp).sum(-1)
             m = m.to(ce.device)
             losses.append((ce * m).sum() / m.sum().clamp(min=1))
     losses = torch.stack(losses)
-    embeds_in, feats_in, visual = o.embeds[1:], o.features[:-1], o.visual_mask[1:].to(o.embeds.device)
-    n = int(visual.sum())
-    from .compressor import grid_for
-    grid = grid_for(n, (o.media or {}).get("grid"))
+    # The visual run and its token grid, as compress_sequence saw them.
+    n, grid = info["visual_tokens_before"], info["grid"]
     target = compressor.best_option(losses, n, grid)
+    embeds_in, feats_in, visual = o.embeds[1:], o.features[:-1], o.visual_mask[1:].to(o.embeds.device)
     logits = compressor.gate_logits(embeds_in, feats_in, visual, n)
     loss = F.cross_entropy(logits[None], torch.tensor([target], device=logits.device))
     return {"loss": loss, "target": target, "option_losses": losses.cpu()}

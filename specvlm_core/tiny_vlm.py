@@ -253,6 +253,12 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     t0 = time.time()
     budget = minutes * 60
     log = []
+
+    def record(entry: dict) -> None:
+        """Keep a log entry and append it to train_log.jsonl as it happens."""
+        log.append(entry)
+        with open(out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
     model.train()
     # The budget is time, so the bar counts seconds; the postfix shows step and loss.
     bar = tqdm(total=int(budget), disable=not progress, desc="tiny-train", unit="s")
@@ -282,10 +288,8 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
         step += 1
         elapsed = time.time() - t0
         if step % log_every == 0:
-            log.append({"step": step, "loss": round(lm_loss.item(), 4), "aux_loss": round(aux.item(), 4),
-                        "seconds": round(elapsed, 1)})
-            with open(out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(log[-1]) + "\n")
+            record({"step": step, "loss": round(lm_loss.item(), 4), "aux_loss": round(aux.item(), 4),
+                    "seconds": round(elapsed, 1)})
         bar.set_postfix(step=step, loss=f"{lm_loss.item():.3f}", aux=f"{aux.item():.3f}")
         bar.update(min(int(budget), int(elapsed)) - bar.n)
         if probe_every_minutes and elapsed >= next_probe:
@@ -293,10 +297,8 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
             model.eval()
             probe = evaluate_quality(model, processor, probe_scenes, probe_scenes // 2)
             model.train()
-            log.append({"step": step, "seconds": round(time.time() - t0, 1),
-                        "probe": {k: probe[k] for k in ("describe_all_objects", "count_accuracy", "motion_accuracy")}})
-            with open(out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(log[-1]) + "\n")
+            record({"step": step, "seconds": round(time.time() - t0, 1),
+                    "probe": {k: probe[k] for k in ("describe_all_objects", "count_accuracy", "motion_accuracy")}})
             next_probe += probe_every_minutes * 60
         if elapsed > budget or step >= max_steps:
             break
