@@ -84,7 +84,8 @@ def cmd_tiny_train(args) -> int:
     metrics = train_tiny_vlm(args.out, minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed, threads=args.threads,
                              eval_scenes=args.eval_scenes, eval_clips=args.eval_clips, aux_weight=args.aux_weight,
-                             probe_every_minutes=args.probe_every)
+                             probe_every_minutes=args.probe_every, vision_minutes=args.vision_minutes,
+                             video_share=args.video_share)
     print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
     return 0
 
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the dense visual-token object loss (0 = language loss only)")
     t.add_argument("--probe-every", type=float, default=10.0,
                    help="minutes between small held-out quality probes logged to train_log.jsonl (0 = none)")
+    t.add_argument("--vision-minutes", type=float, default=15.0,
+                   help="minutes (of the budget) that first train the vision tower alone on the dense visual loss")
+    t.add_argument("--video-share", type=float, default=0.35, help="fraction of batches that are clips")
     t.set_defaults(func=cmd_tiny_train)
 
     e = sub.add_parser("tiny-eval", help="measure the quality metrics of a tiny model on held-out world data")

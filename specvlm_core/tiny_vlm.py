@@ -45,7 +45,7 @@ TINY_CONFIG = dict(
     text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
               rope_theta=10000.0, mrope_section=[8, 12, 12]),
-    image_pixels=(64 * 64, 224 * 224),  # min/max pixels: 16..196 visual tokens per image
+    image_pixels=(80 * 80, 224 * 224),  # min/max pixels: 25..196 visual tokens per image
     video_pixels=(64 * 64, 96 * 96),  # per frame; 16..36 tokens per 2 frames
 )
 
@@ -185,7 +185,11 @@ def visual_token_targets(samples, grid_thw: torch.Tensor, merge: int = 2) -> tor
     rows = []
     for sample, (t, gh, gw) in zip(samples, grid_thw.tolist()):
         gh, gw = gh // merge, gw // merge
-        margin = 0.5 / max(gh, gw)  # a token half-covering an object still counts
+        # A token whose centre lies within a quarter token of an object's box shows that
+        # object: every object, however small, gets at least one token, and tokens that
+        # only graze it stay background (a wider margin made the labels of the far-off
+        # tokens a guess and slowed shape learning).
+        margin = 0.25 / max(gh, gw)
         for k in range(t):
             objects = sample.frame_objects(min(2 * k, len(sample.frames) - 1))
             for i in range(gh):
@@ -199,9 +203,63 @@ def visual_token_targets(samples, grid_thw: torch.Tensor, merge: int = 2) -> tor
 
 
 def aux_visual_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the per-token classifications. features [n, H], targets [n, 4]."""
+    """Mean cross-entropy of the four per-token classifications, plus the colour, shape
+    and size cross-entropy over the object tokens alone. features [n, H], targets [n, 4].
+
+    Why the extra terms: most visual tokens are background, so in the plain mean the
+    hard part (which shape an object is: a token's colour shows in its own patch, its
+    shape only across neighbouring patches) gets a small share of the gradient; the
+    first model with the plain mean read colours and cells but not shapes."""
+    ce = torch.nn.functional.cross_entropy
     logits = head(features).split(AUX_CLASSES, dim=-1)
-    return sum(torch.nn.functional.cross_entropy(lg, targets[:, i]) for i, lg in enumerate(logits)) / len(logits)
+    loss = sum(ce(lg, targets[:, i]) for i, lg in enumerate(logits)) / len(logits)
+    on_object = targets[:, 1] > 0
+    if on_object.any():
+        loss = loss + sum(w * ce(logits[i][on_object], targets[on_object, i]) for i, w in ((0, 1.0), (1, 1.0), (2, 0.5)))
+    return loss
+
+
+@torch.no_grad()
+def object_shape_accuracy(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """Fraction of object tokens whose shape the auxiliary head gets right (a training
+    diagnostic: the decoder cannot name a shape the vision tower does not encode)."""
+    on_object = targets[:, 1] > 0
+    if not on_object.any():
+        return None
+    shape_logits = head(features[on_object]).split(AUX_CLASSES, dim=-1)[1]
+    return (shape_logits.argmax(-1) == targets[on_object, 1]).float().mean().item()
+
+
+CHANGE_LAYER = 4  # decoder layer whose video-token states learn to flag changes
+
+
+def change_targets(targets: torch.Tensor, grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor:
+    """Per video token: 1 if what it shows (colour, shape, size) differs from the same
+    token of its clip's first temporal group, else 0.
+
+    targets [n_tokens, 4] from visual_token_targets; grid_thw [n_clips, 3] in patches.
+    Returns long [n_tokens]. Why: the vision tower sees one temporal group at a time
+    (its attention never crosses groups), so noticing that something moved, appeared,
+    vanished or changed colour is the decoder's job; this target teaches a middle
+    decoder layer to compare each token with the first frame, which the motion answers
+    then only have to read out."""
+    flags, start = [], 0
+    for t, gh, gw in grid_thw.tolist():
+        n = (gh // merge) * (gw // merge)
+        what = targets[start:start + t * n, :3].view(t, n, 3)
+        flags.append((what != what[:1]).any(-1).flatten().long())
+        start += t * n
+    return torch.cat(flags)
+
+
+def media_inputs(processor, samples, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, grid_thw) of a batch of samples of one kind, for the vision tower alone."""
+    if kind == "image":
+        out = processor.image_processor(images=[s.frames[0] for s in samples], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+    out = processor.video_processor(videos=[s.frames for s in samples], do_sample_frames=False,
+                                    return_tensors="pt")
+    return out["pixel_values_videos"], out["video_grid_thw"]
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int = 100) -> float:
@@ -217,15 +275,22 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
                    batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
                    threads: int | None = None, log_every: int = 20, progress: bool = True,
                    eval_scenes: int = 200, eval_clips: int = 100, aux_weight: float = 0.5,
-                   probe_every_minutes: float = 0.0, probe_scenes: int = 16) -> dict:
+                   probe_every_minutes: float = 0.0, probe_scenes: int = 16,
+                   vision_minutes: float = 15.0, vision_batch_size: int = 32, video_share: float = 0.35) -> dict:
     """Train the embedded model from scratch on the generated world for a time budget.
 
     Writes config, processor, tokenizer and safetensors weights to out_dir, then the
     held-out quality metrics to out_dir/metrics.json. Returns the metrics dict.
     The loss is the answers' cross-entropy plus aux_weight x the visual tokens' dense
-    object classification (see visual_token_targets). probe_every_minutes > 0 logs a
+    object classification (see visual_token_targets) plus, on clips, aux_weight x a
+    decoder-side change loss (see change_targets). probe_every_minutes > 0 logs a
     small held-out quality probe (probe_scenes scenes) that often; its time counts
     against the budget.
+
+    vision_minutes > 0 first trains the vision tower alone on the dense visual loss
+    for that long (part of the budget): without the decoder a step costs a fraction of
+    a joint step, so the tower sees several times more images per minute, and it is the
+    part that has to learn shapes. video_share is the fraction of batches that are clips.
     """
     from tqdm import tqdm
     from transformers import Qwen2VLForConditionalGeneration
@@ -242,14 +307,21 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     config = build_config(tokenizer)
     model = Qwen2VLForConditionalGeneration(config)
     n_params = sum(p.numel() for p in model.parameters())
-    aux_head = torch.nn.Linear(config.text_config.hidden_size, sum(AUX_CLASSES))
+    hidden = config.text_config.hidden_size
+    aux_head = torch.nn.Linear(hidden, sum(AUX_CLASSES))
+    change_head = torch.nn.Linear(hidden, 2)
     merged = []  # the vision merger's outputs of the current forward
     model.model.visual.merger.register_forward_hook(lambda _m, _a, output: merged.append(output))
-    params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux_head.named_parameters()]
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux_head.named_parameters()] + \
+        [("change." + n, p) for n, p in change_head.named_parameters()]
+
+    def adamw(named):
+        return torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.05},
+                                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=lr, betas=(0.9, 0.98))
+    video_id = config.video_token_id
+    # Changes are rare among a clip's tokens; weigh them up so the flag is not just "no".
+    change_class_weight = torch.tensor([1.0, 4.0])
     t0 = time.time()
     budget = minutes * 60
     log = []
@@ -262,24 +334,65 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     model.train()
     # The budget is time, so the bar counts seconds; the postfix shows step and loss.
     bar = tqdm(total=int(budget), disable=not progress, desc="tiny-train", unit="s")
-    step = 0
-    next_probe = probe_every_minutes * 60
     seed_cursor = seed * 10**7
-    while step < max_steps:
-        kind = "video" if random.random() < 0.3 else "image"
-        # One size bucket per batch keeps padding low; small images are the cheapest
-        # steps, so they are sampled most, but every resolution is seen.
+
+    def next_batch(size: int):
+        """A batch of one kind and one size bucket (keeps padding low; small images are
+        the cheapest steps, so they are sampled most, but every resolution is seen)."""
+        nonlocal seed_cursor
+        kind = "video" if random.random() < video_share else "image"
         lo, hi = random.choice([(64, 128), (64, 128), (128, 224), (224, 384)])
-        samples = [world.make_sample(seed_cursor + i, kind=kind, size_range=(lo, hi))
-                   for i in range(batch_size)]
-        seed_cursor += batch_size
+        samples = [world.make_sample(seed_cursor + i, kind=kind, size_range=(lo, hi)) for i in range(size)]
+        seed_cursor += size
+        return kind, samples
+
+    vision_budget = min(vision_minutes * 60, budget)
+    if vision_budget > 0:
+        vision_params = [("visual." + n, p) for n, p in model.model.visual.named_parameters()] + \
+            [("aux." + n, p) for n, p in aux_head.named_parameters()]
+        vopt = adamw(vision_params)
+        vstep = 0
+        while time.time() - t0 < vision_budget:
+            kind, samples = next_batch(vision_batch_size)
+            pixels, grid = media_inputs(processor, samples, kind)
+            for g in vopt.param_groups:
+                g["lr"] = lr_at(vstep, (time.time() - t0) / vision_budget, lr)
+            features = model.model.visual(pixels, grid_thw=grid).pooler_output
+            targets = visual_token_targets(samples, grid)
+            aux = aux_visual_loss(aux_head, features, targets)
+            vopt.zero_grad(set_to_none=True)
+            aux.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in vision_params], 1.0)
+            vopt.step()
+            vstep += 1
+            elapsed = time.time() - t0
+            if vstep % log_every == 0:
+                record({"phase": "vision", "kind": kind, "step": vstep, "aux_loss": round(aux.item(), 4),
+                        "shape_accuracy": object_shape_accuracy(aux_head, features.detach(), targets),
+                        "seconds": round(elapsed, 1)})
+            bar.set_postfix(phase="vision", step=vstep, aux=f"{aux.item():.3f}")
+            bar.update(min(int(budget), int(elapsed)) - bar.n)
+        del vopt
+
+    opt = adamw(params)
+    joint_start, joint_budget = time.time(), budget - (time.time() - t0)
+    step = 0
+    next_probe = (time.time() - t0) + probe_every_minutes * 60
+    while step < max_steps:
+        kind, samples = next_batch(batch_size)
         batch = encode_batch(processor, samples)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, max((time.time() - t0) / budget, step / max_steps), lr)
+            g["lr"] = lr_at(step, max((time.time() - joint_start) / max(joint_budget, 1e-9), step / max_steps), lr)
         merged.clear()
-        lm_loss = model(**batch).loss
+        outputs = model(**batch, output_hidden_states=kind == "video")
+        lm_loss = outputs.loss
         grid = batch["image_grid_thw" if kind == "image" else "video_grid_thw"]
-        aux = aux_visual_loss(aux_head, merged[0], visual_token_targets(samples, grid))
+        targets = visual_token_targets(samples, grid)
+        aux = aux_visual_loss(aux_head, merged[0], targets)
+        if kind == "video":
+            states = outputs.hidden_states[CHANGE_LAYER][batch["input_ids"] == video_id]
+            aux = aux + torch.nn.functional.cross_entropy(change_head(states), change_targets(targets, grid),
+                                                          weight=change_class_weight)
         loss = lm_loss + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -288,7 +401,8 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
         step += 1
         elapsed = time.time() - t0
         if step % log_every == 0:
-            record({"step": step, "loss": round(lm_loss.item(), 4), "aux_loss": round(aux.item(), 4),
+            record({"step": step, "kind": kind, "loss": round(lm_loss.item(), 4), "aux_loss": round(aux.item(), 4),
+                    "shape_accuracy": object_shape_accuracy(aux_head, merged[0].detach(), targets),
                     "seconds": round(elapsed, 1)})
         bar.set_postfix(step=step, loss=f"{lm_loss.item():.3f}", aux=f"{aux.item():.3f}")
         bar.update(min(int(budget), int(elapsed)) - bar.n)
@@ -314,7 +428,10 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "train_config.json").write_text(json.dumps({"tiny_config": TINY_CONFIG, "minutes": minutes,
                                                         "max_steps": max_steps, "batch_size": batch_size,
-                                                        "lr": lr, "seed": seed, "aux_weight": aux_weight},
+                                                        "lr": lr, "seed": seed, "aux_weight": aux_weight,
+                                                        "vision_minutes": vision_minutes,
+                                                        "vision_batch_size": vision_batch_size,
+                                                        "video_share": video_share},
                                                        indent=2))
     return metrics
 
@@ -431,7 +548,7 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 ## Architecture
 - Vision: Qwen2-VL ViT, {v['depth']} layers x {v['embed_dim']} wide, {v['num_heads']} heads, {v['patch_size']} px
   patches, 2x2 patch merging: **one visual token per 16x16 px**, so the token count grows
-  with resolution ({cfg['image_pixels'][0]}..{cfg['image_pixels'][1]} pixels per image, i.e. 16..196
+  with resolution ({cfg['image_pixels'][0]}..{cfg['image_pixels'][1]} pixels per image, i.e. {cfg['image_pixels'][0] // 256}..{cfg['image_pixels'][1] // 256}
   tokens) and with clip length (one token grid per 2 frames; frames of
   {cfg['video_pixels'][0]}..{cfg['video_pixels'][1]} pixels).
 - Text decoder: {t['num_hidden_layers']} layers x {t['hidden_size']} wide, {t['num_attention_heads']} heads /

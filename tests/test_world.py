@@ -49,3 +49,36 @@ def test_clip_targets_follow_the_frames():
     assert sample.events[0].frame == 2
     assert (list(world.COLOURS).index(recoloured.colour) + 1) in before.tolist()
     assert changed in after.tolist()
+
+
+def test_change_targets_flag_the_tokens_that_differ_from_the_first_group():
+    sample = next(s for s in (world.make_sample(i, kind="video", n_frames=4) for i in range(80))
+                  if s.events[0].kind == "move")
+    grid = torch.tensor([[2, 6, 6], [2, 6, 6]])  # the same clip twice: flags repeat per clip
+    targets = tiny_vlm.visual_token_targets([sample, sample], grid)
+    flags = tiny_vlm.change_targets(targets, grid)
+    assert flags.shape == (36,)
+    assert flags[:9].sum() == 0  # the first group never differs from itself
+    moved = sample.events[0]
+    changed_cells = {int(targets[9 + i, 3]) for i in flags[9:18].nonzero().flatten().tolist()}
+    assert changed_cells == {moved.obj.cell, moved.to_cell}  # the old and the new place
+    assert torch.equal(flags[:18], flags[18:])
+
+
+def test_aux_loss_weighs_object_tokens_and_shape_accuracy_reads_the_head():
+    head = torch.nn.Linear(4, sum(tiny_vlm.AUX_CLASSES))
+    features = torch.randn(10, 4)
+    background = torch.zeros(10, 4, dtype=torch.long)
+    with_object = background.clone()
+    with_object[0, :3] = torch.tensor([1, 2, 1])
+    assert tiny_vlm.object_shape_accuracy(head, features, background) is None
+    assert tiny_vlm.object_shape_accuracy(head, features, with_object) in (0.0, 1.0)
+    # The object-only terms add to the plain mean: one object token among ten weighs more than 1/10.
+    ce = torch.nn.functional.cross_entropy
+    logits = head(features).split(tiny_vlm.AUX_CLASSES, dim=-1)
+    plain_mean = sum(ce(lg, with_object[:, i]) for i, lg in enumerate(logits)) / 4
+    extra = ce(logits[0][:1], with_object[:1, 0]) + ce(logits[1][:1], with_object[:1, 1]) + \
+        0.5 * ce(logits[2][:1], with_object[:1, 2])
+    assert torch.allclose(tiny_vlm.aux_visual_loss(head, features, with_object), plain_mean + extra)
+    assert torch.allclose(tiny_vlm.aux_visual_loss(head, features, background),
+                          sum(ce(lg, background[:, i]) for i, lg in enumerate(logits)) / 4)
