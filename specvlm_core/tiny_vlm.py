@@ -276,7 +276,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
                    threads: int | None = None, log_every: int = 20, progress: bool = True,
                    eval_scenes: int = 200, eval_clips: int = 100, aux_weight: float = 0.5,
                    probe_every_minutes: float = 0.0, probe_scenes: int = 16,
-                   vision_minutes: float = 15.0, vision_batch_size: int = 32, video_share: float = 0.35) -> dict:
+                   vision_minutes: float = 25.0, vision_batch_size: int = 32, video_share: float = 0.35) -> dict:
     """Train the embedded model from scratch on the generated world for a time budget.
 
     Writes config, processor, tokenizer and safetensors weights to out_dir, then the
@@ -287,10 +287,10 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     small held-out quality probe (probe_scenes scenes) that often; its time counts
     against the budget.
 
-    vision_minutes > 0 first trains the vision tower alone on the dense visual loss
-    for that long (part of the budget): without the decoder a step costs a fraction of
-    a joint step, so the tower sees several times more images per minute, and it is the
-    part that has to learn shapes. video_share is the fraction of batches that are clips.
+    vision_minutes > 0 first trains the vision tower alone on the dense visual loss, on
+    stills, for that long (part of the budget): without the decoder a step costs a
+    fraction of a joint step, so the tower sees several times more images per minute,
+    and it is the part that has to learn shapes. video_share is the fraction of batches that are clips.
     """
     from tqdm import tqdm
     from transformers import Qwen2VLForConditionalGeneration
@@ -336,11 +336,11 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     bar = tqdm(total=int(budget), disable=not progress, desc="tiny-train", unit="s")
     seed_cursor = seed * 10**7
 
-    def next_batch(size: int):
+    def next_batch(size: int, clip_share: float):
         """A batch of one kind and one size bucket (keeps padding low; small images are
         the cheapest steps, so they are sampled most, but every resolution is seen)."""
         nonlocal seed_cursor
-        kind = "video" if random.random() < video_share else "image"
+        kind = "video" if random.random() < clip_share else "image"
         lo, hi = random.choice([(64, 128), (64, 128), (128, 224), (224, 384)])
         samples = [world.make_sample(seed_cursor + i, kind=kind, size_range=(lo, hi)) for i in range(size)]
         seed_cursor += size
@@ -353,7 +353,9 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
         vopt = adamw(vision_params)
         vstep = 0
         while time.time() - t0 < vision_budget:
-            kind, samples = next_batch(vision_batch_size)
+            # Stills only: a clip's frames come from the same renderer at lower resolution,
+            # and still batches teach shapes at several times the images per second.
+            kind, samples = next_batch(vision_batch_size, 0.0)
             pixels, grid = media_inputs(processor, samples, kind)
             for g in vopt.param_groups:
                 g["lr"] = lr_at(vstep, (time.time() - t0) / vision_budget, lr)
@@ -379,7 +381,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     step = 0
     next_probe = (time.time() - t0) + probe_every_minutes * 60
     while step < max_steps:
-        kind, samples = next_batch(batch_size)
+        kind, samples = next_batch(batch_size, video_share)
         batch = encode_batch(processor, samples)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, max((time.time() - joint_start) / max(joint_budget, 1e-9), step / max_steps), lr)
@@ -531,6 +533,9 @@ def write_model_card(model_dir: str | Path) -> Path:
                        f"{metrics['object_name_recall']:.0%} / {metrics['object_colour_recall']:.0%} / "
                        f"{metrics['object_shape_recall']:.0%} / {metrics['object_where_recall']:.0%}; clips whose "
                        f"answer names the right kind of event: {metrics['motion_kind_accuracy']:.0%}.\n")
+    vision_phase = (f"; the first {train_cfg['vision_minutes']:g} minutes train the vision tower alone on the "
+                    f"dense visual loss, {train_cfg['vision_batch_size']} stills per step"
+                    if train_cfg.get("vision_minutes") else "")
     examples = "\n".join(f"- Q: {e['question']}\n  - truth: {e['answer']}\n  - model: {e['prediction']}"
                          for e in metrics.get("examples", []))
     card = f"""# tiny-vlm: the embedded target model of SpecVLM Studio
@@ -566,17 +571,22 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 ## Training
 - Command: `python -m specvlm_core tiny-train --out assets/tiny-vlm --minutes {train_cfg['minutes']:g}`
   (seed {train_cfg['seed']}, AdamW lr {train_cfg['lr']}, batch {train_cfg['batch_size']}, warm-up then cosine to 10% over the
-  time budget, one size bucket per batch).
+  time budget, one size bucket per batch{vision_phase}).
 - Loss: the answers' cross-entropy plus {train_cfg.get('aux_weight', 0)} x a dense auxiliary loss on the vision
   tower's output: every visual token is classified by the colour, shape and size of the
   object it covers (or background) and by its 3x3 grid cell, with targets computed from
-  the generator's own geometry (`tiny_vlm.visual_token_targets`). The auxiliary head is a
-  single linear layer used only in training and not saved, so the checkpoint is a stock
-  Qwen2-VL. Why: trained through the language loss alone, the first version of this
-  model learned the world's grammar but never looked (its loss stalled at a text-only
-  model's ~0.6 nats/token for 2,000 steps); with the dense targets the vision tower's
-  output says what is where from the first minutes, and the decoder only has to learn to
-  read it.
+  the generator's own geometry (`tiny_vlm.visual_token_targets`); the object tokens'
+  colour, shape and size count again on their own, so the few tokens that show an object
+  are not outweighed by the many background ones. The auxiliary heads are single linear
+  layers used only in training and not saved, so the checkpoint is a stock Qwen2-VL. Why:
+  trained through the language loss alone, the first version of this model learned the
+  world's grammar but never looked (its loss stalled at a text-only model's ~0.6
+  nats/token for 2,000 steps); with the dense targets the vision tower's output says what
+  is where, and the decoder only has to learn to read it.
+- On clips, the same weight x a change loss on decoder layer {CHANGE_LAYER}'s video-token states:
+  does this token show something different from the clip's first frame
+  (`tiny_vlm.change_targets`)? The vision tower sees one temporal group at a time, so
+  noticing an event is the decoder's job; this teaches it where to look.
 - Counting answers list what they count, in reading order, then give the number ("I see a
   small red circle in the top left and a large blue star in the center, so there are two
   objects."): a small model counts a list it has written far more reliably than a set of
@@ -585,7 +595,7 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
   objects (8 shapes, 8 colours, 2 sizes, 3x3 grid, optional letters) at 64-384 px in 7
   aspect ratios, and 4-16 frame clips where objects move, appear, disappear or change
   colour; detailed descriptions in several phrasings and QA (count, colour, position,
-  relation, motion). 30% of batches are clips.
+  relation, motion). {train_cfg.get('video_share', 0.3):.0%} of the joint batches are clips.
 - Time: {metrics['train_seconds'] / 60:.1f} minutes on 2 CPU cores, {metrics['train_steps']} steps
   ({metrics['train_steps'] * metrics['batch_size']} samples), final loss {metrics['final_loss']}.
 
