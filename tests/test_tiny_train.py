@@ -13,7 +13,7 @@ def test_tiny_train_runs_both_phases_and_writes_a_loadable_model(tmp_path):
                                       eval_scenes=2, eval_clips=1)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     vision, joint = [e for e in log if e.get("phase") == "vision"], [e for e in log if "loss" in e]
-    assert vision and all(e["aux_loss"] > 0 for e in vision)
+    assert vision and all(e["aux_loss"] > 0 and e["kind"] == "image" for e in vision)  # the vision phase: stills
     assert [e["step"] for e in joint] == [1, 2] and metrics["train_steps"] == 2
     config = json.loads((out / "train_config.json").read_text())
     assert config["vision_minutes"] == 0.05 and config["video_share"] == 0.5
