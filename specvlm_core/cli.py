@@ -85,7 +85,7 @@ def cmd_tiny_train(args) -> int:
                              lr=args.lr, seed=args.seed, threads=args.threads,
                              eval_scenes=args.eval_scenes, eval_clips=args.eval_clips, aux_weight=args.aux_weight,
                              probe_every_minutes=args.probe_every, vision_minutes=args.vision_minutes,
-                             video_share=args.video_share)
+                             vision_lr=args.vision_lr, video_share=args.video_share)
     print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
     return 0
 
@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the dense visual-token object loss (0 = language loss only)")
     t.add_argument("--probe-every", type=float, default=10.0,
                    help="minutes between small held-out quality probes logged to train_log.jsonl (0 = none)")
-    t.add_argument("--vision-minutes", type=float, default=25.0,
+    t.add_argument("--vision-minutes", type=float, default=20.0,
                    help="minutes (of the budget) that first train the vision tower alone on the dense visual loss")
+    t.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision phase")
     t.add_argument("--video-share", type=float, default=0.35, help="fraction of batches that are clips")
     t.set_defaults(func=cmd_tiny_train)
 
