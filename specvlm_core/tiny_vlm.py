@@ -191,8 +191,8 @@ def visual_token_targets(samples, grid_thw: torch.Tensor, merge: int = 2) -> tor
             # holds the object's centre (so the smallest objects get a token too). Tokens
             # that only graze an object stay background: a wider margin made their labels
             # a guess and slowed shape learning about threefold.
-            centre_token = {(min(gh - 1, int((o.cell // 3 + 0.5) / 3 * gh)),
-                             min(gw - 1, int((o.cell % 3 + 0.5) / 3 * gw))): o for o in objects}
+            centre_token = {(min(gh - 1, int(cy * gh)), min(gw - 1, int(cx * gw))): o
+                            for o in objects for cx, cy in [world.cell_centre(o.cell)]}
             for i in range(gh):
                 for j in range(gw):
                     x, y = (j + 0.5) / gw, (i + 0.5) / gh
@@ -321,6 +321,15 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
         return torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.05},
                                   {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
                                  lr=lr, betas=(0.9, 0.98))
+
+    def update(optimizer, loss: torch.Tensor, named, lr_now: float) -> None:
+        """One optimiser step on loss at learning rate lr_now, gradients clipped to norm 1."""
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
     video_id = config.video_token_id
     # Changes are rare among a clip's tokens; weigh them up so the flag is not just "no".
     change_class_weight = torch.tensor([1.0, 4.0])
@@ -359,15 +368,11 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
             # and still batches teach shapes at several times the images per second.
             kind, samples = next_batch(vision_batch_size, 0.0)
             pixels, grid = media_inputs(processor, samples, kind)
-            for g in vopt.param_groups:
-                g["lr"] = lr_at(vstep, (time.time() - t0) / vision_budget, vision_lr)
+            lr_now = lr_at(vstep, (time.time() - t0) / vision_budget, vision_lr)
             features = model.model.visual(pixels, grid_thw=grid).pooler_output
             targets = visual_token_targets(samples, grid)
             aux = aux_visual_loss(aux_head, features, targets)
-            vopt.zero_grad(set_to_none=True)
-            aux.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in vision_params], 1.0)
-            vopt.step()
+            update(vopt, aux, vision_params, lr_now)
             vstep += 1
             elapsed = time.time() - t0
             if vstep % log_every == 0:
@@ -385,8 +390,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
     while step < max_steps:
         kind, samples = next_batch(batch_size, video_share)
         batch = encode_batch(processor, samples)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, max((time.time() - joint_start) / max(joint_budget, 1e-9), step / max_steps), lr)
+        lr_now = lr_at(step, max((time.time() - joint_start) / max(joint_budget, 1e-9), step / max_steps), lr)
         merged.clear()
         outputs = model(**batch, output_hidden_states=kind == "video")
         lm_loss = outputs.loss
@@ -397,11 +401,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
             states = outputs.hidden_states[CHANGE_LAYER][batch["input_ids"] == video_id]
             aux = aux + torch.nn.functional.cross_entropy(change_head(states), change_targets(targets, grid),
                                                           weight=change_class_weight)
-        loss = lm_loss + aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        opt.step()
+        update(opt, lm_loss + aux_weight * aux, params, lr_now)
         step += 1
         elapsed = time.time() - t0
         if step % log_every == 0:

@@ -161,6 +161,12 @@ def cell_of(x: float, y: float) -> int:
     return min(2, int(y * 3)) * 3 + min(2, int(x * 3))
 
 
+def cell_centre(cell: int) -> tuple[float, float]:
+    """Normalised (x, y) of a grid cell's centre, where render draws its object."""
+    row, col = divmod(cell, 3)
+    return (col + 0.5) / 3, (row + 0.5) / 3
+
+
 def object_at(objects, x: float, y: float, aspect: float = 1.0, margin: float = 0.0):
     """The object drawn at normalised image point (x, y) in [0, 1), or None.
 
@@ -170,11 +176,11 @@ def object_at(objects, x: float, y: float, aspect: float = 1.0, margin: float = 
     for o in objects:
         if o.cell != cell:
             continue
-        row, col = divmod(cell, 3)
+        cx, cy = cell_centre(cell)
         # The radius is a fraction of min(cell width, cell height); per axis, normalised.
         r = OBJECT_RADIUS[o.size] / 3
         rx, ry = r * min(1.0, 1 / aspect), r * min(aspect, 1.0)
-        if abs(x - (col + 0.5) / 3) <= rx + margin and abs(y - (row + 0.5) / 3) <= ry + margin:
+        if abs(x - cx) <= rx + margin and abs(y - cy) <= ry + margin:
             return o
     return None
 
