@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny-train", help="train the embedded tiny VLM on the generated world")
     t.add_argument("--out", required=True)
-    t.add_argument("--minutes", type=float, default=72.0, help="time budget (default 72)")
+    t.add_argument("--minutes", type=float, default=88.0, help="time budget (default 88, the shipped model's)")
     t.add_argument("--max-steps", type=int, default=100000)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the dense visual-token object loss (0 = language loss only)")
     t.add_argument("--probe-every", type=float, default=10.0,
                    help="minutes between small held-out quality probes logged to train_log.jsonl (0 = none)")
-    t.add_argument("--vision-minutes", type=float, default=20.0,
+    t.add_argument("--vision-minutes", type=float, default=12.0,
                    help="minutes (of the budget) that first train the vision tower alone on the dense visual loss")
     t.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision phase")
     t.add_argument("--video-share", type=float, default=0.35, help="fraction of batches that are clips")

@@ -272,12 +272,12 @@ def lr_at(step: int, progress: float, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_tiny_vlm(out_dir: str, minutes: float = 75.0, max_steps: int = 100000,
-                   batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
+                   batch_size: int = 16, lr: float = 1.5e-3, seed: int = 0,
                    threads: int | None = None, log_every: int = 20, progress: bool = True,
                    eval_scenes: int = 200, eval_clips: int = 100, aux_weight: float = 0.5,
                    probe_every_minutes: float = 0.0, probe_scenes: int = 16,
-                   vision_minutes: float = 20.0, vision_batch_size: int = 32, vision_lr: float = 2e-3,
+                   vision_minutes: float = 12.0, vision_batch_size: int = 32, vision_lr: float = 2e-3,
                    video_share: float = 0.35) -> dict:
     """Train the embedded model from scratch on the generated world for a time budget.
 
@@ -539,6 +539,10 @@ def write_model_card(model_dir: str | Path) -> Path:
     vision_phase = (f"; the first {train_cfg['vision_minutes']:g} minutes train the vision tower alone on the "
                     f"dense visual loss, {train_cfg['vision_batch_size']} stills per step"
                     if train_cfg.get("vision_minutes") else "")
+    # Every setting that shapes the run, so the command reproduces it whatever the CLI defaults are.
+    command_flags = "".join(f" --{flag} {train_cfg[key]:g}" for flag, key in
+                            (("vision-minutes", "vision_minutes"), ("lr", "lr"), ("video-share", "video_share"),
+                             ("batch-size", "batch_size"), ("seed", "seed")) if key in train_cfg)
     examples = "\n".join(f"- Q: {e['question']}\n  - truth: {e['answer']}\n  - model: {e['prediction']}"
                          for e in metrics.get("examples", []))
     card = f"""# tiny-vlm: the embedded target model of SpecVLM Studio
@@ -572,7 +576,7 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 - Weights: {size_mb:.1f} MB safetensors (float32).
 
 ## Training
-- Command: `python -m specvlm_core tiny-train --out assets/tiny-vlm --minutes {train_cfg['minutes']:g}`
+- Command: `python -m specvlm_core tiny-train --out assets/tiny-vlm --minutes {train_cfg['minutes']:g}{command_flags}`
   (seed {train_cfg['seed']}, AdamW lr {train_cfg['lr']}, batch {train_cfg['batch_size']}, warm-up then cosine to 10% over the
   time budget, one size bucket per batch{vision_phase}).
 - Loss: the answers' cross-entropy plus {train_cfg.get('aux_weight', 0)} x a dense auxiliary loss on the vision

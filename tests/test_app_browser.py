@@ -116,7 +116,11 @@ def test_an_example_video_run_can_be_stopped_and_run_again(page):
     tokens.fill("8")
     tokens.press("Enter")
     page.locator("#run-btn").click()  # the stopped run released the model
-    page.locator("#status").get_by_text("Done").wait_for()
+    try:
+        page.locator("#status").get_by_text("Done").wait_for()
+    except Exception as exc:  # say where the re-run stuck (it once timed out in a full run)
+        raise AssertionError(f"the re-run did not finish; status: {page.locator('#status').inner_text()!r}, "
+                             f"max tokens: {tokens.input_value()!r}") from exc
 
 
 def test_the_compressor_tab_shows_what_was_kept(page):

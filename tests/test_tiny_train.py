@@ -21,3 +21,6 @@ def test_tiny_train_runs_both_phases_and_writes_a_loadable_model(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert AutoProcessor.from_pretrained(out).chat_template
+    # The model card's command reproduces this run's settings, whatever the CLI defaults are.
+    card = tiny_vlm.write_model_card(out).read_text()
+    assert "--minutes 0.5 --vision-minutes 0.05 --lr 0.0015 --video-share 0.5 --batch-size 2 --seed 0`" in card
