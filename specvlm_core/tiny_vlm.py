@@ -476,6 +476,8 @@ def evaluate_quality(model, processor, n_scenes: int = 200, n_clips: int = 100,
     - describe_all_objects: fraction of scene descriptions naming every object's
       colour+shape;
     - count_accuracy: fraction of count answers whose final number is right;
+      count_accuracy_all_objects / _one_colour: the same over questions that count
+      every object / only the objects of one colour;
     - motion_accuracy: fraction of clips whose answer states every event exactly;
     - object_{name,colour,shape,where}_recall: over all objects of all scenes, the
       fraction whose colour+shape / colour / shape / cell the description mentions;
@@ -495,10 +497,16 @@ def evaluate_quality(model, processor, n_scenes: int = 200, n_clips: int = 100,
              "where": lambda o: o.where}
     recall = {f"object_{k}_recall": sum(f(o) in t for o, t in objects) / max(1, len(objects))
               for k, f in parts.items()}
-    count_ok = sum(world.stated_count(t) == world.stated_count(s.answer) for t, s in zip(count_ans, counts))
+    count_right = [world.stated_count(t) == world.stated_count(s.answer) for t, s in zip(count_ans, counts)]
+    count_ok = sum(count_right)
+    # Counting all objects vs one colour ("How many green objects?"): the second also needs the question read.
+    one_colour = [any(f"many {c} " in s.question for c in world.COLOURS) for s in counts]
+    count_split = {f"count_accuracy_{name}": sum(r for r, c in zip(count_right, one_colour) if c == want)
+                   / max(1, sum(c == want for c in one_colour))
+                   for name, want in (("all_objects", False), ("one_colour", True))}
     motion_ok = sum(all(e.sentence() in t.lower() for e in s.events) for t, s in zip(motion_ans, clips))
     return {"describe_all_objects": desc_ok / max(1, n_scenes),
-            "count_accuracy": count_ok / max(1, n_scenes),
+            "count_accuracy": count_ok / max(1, n_scenes), **count_split,
             "motion_accuracy": motion_ok / max(1, n_clips), **recall,
             "motion_kind_accuracy": sum(VERBS[s.events[0].kind] in t.lower() for t, s in zip(motion_ans, clips))
             / max(1, n_clips),
@@ -536,6 +544,10 @@ def write_model_card(model_dir: str | Path) -> Path:
                        f"{metrics['object_name_recall']:.0%} / {metrics['object_colour_recall']:.0%} / "
                        f"{metrics['object_shape_recall']:.0%} / {metrics['object_where_recall']:.0%}; clips whose "
                        f"answer names the right kind of event: {metrics['motion_kind_accuracy']:.0%}.\n")
+        if "count_accuracy_one_colour" in metrics:
+            diagnostics += (f"Count questions about every object are right {metrics['count_accuracy_all_objects']:.0%} "
+                            "of the time, about one colour (\"How many green objects?\") "
+                            f"{metrics['count_accuracy_one_colour']:.0%}.\n")
     vision_phase = (f"; the first {train_cfg['vision_minutes']:g} minutes train the vision tower alone on the "
                     f"dense visual loss, {train_cfg['vision_batch_size']} stills per step"
                     if train_cfg.get("vision_minutes") else "")

@@ -1,5 +1,7 @@
-"""tiny-train end to end on a few steps: both phases run, log, and write a loadable model."""
+"""tiny-train end to end on a few steps (both phases run, log, and write a loadable model) and the quality metrics."""
 import json
+
+import torch
 
 from specvlm_core import tiny_vlm
 
@@ -24,3 +26,16 @@ def test_tiny_train_runs_both_phases_and_writes_a_loadable_model(tmp_path):
     # The model card's command reproduces this run's settings, whatever the CLI defaults are.
     card = tiny_vlm.write_model_card(out).read_text()
     assert "--minutes 0.5 --vision-minutes 0.05 --lr 0.0015 --video-share 0.5 --batch-size 2 --seed 0`" in card
+
+
+def test_quality_metrics_split_counts_by_question_kind(monkeypatch):
+    """A model that counts every object right and never answers a one-colour count scores
+    1 and 0 on the two count splits, and their weighted mean is the overall count accuracy."""
+    from specvlm_core import world
+
+    def fake_answers(model, processor, samples, **kwargs):
+        return ["" if any(f"many {c} " in s.question for c in world.COLOURS) else s.answer for s in samples]
+    monkeypatch.setattr(tiny_vlm, "greedy_answers", fake_answers)
+    m = tiny_vlm.evaluate_quality(torch.nn.Identity(), None, n_scenes=40, n_clips=2)
+    assert m["count_accuracy_all_objects"] == 1.0 and m["count_accuracy_one_colour"] == 0.0
+    assert 0.0 < m["count_accuracy"] < 1.0 and m["describe_all_objects"] == 1.0 and m["motion_accuracy"] == 1.0
