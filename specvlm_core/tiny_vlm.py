@@ -191,8 +191,10 @@ def visual_token_targets(samples, grid_thw: torch.Tensor, merge: int = 2) -> tor
             # holds the object's centre (so the smallest objects get a token too). Tokens
             # that only graze an object stay background: a wider margin made their labels
             # a guess and slowed shape learning about threefold.
-            centre_token = {(min(gh - 1, int(cy * gh)), min(gw - 1, int(cx * gw))): o
-                            for o in objects for cx, cy in [world.cell_centre(o.cell)]}
+            centre_token = {}
+            for o in objects:
+                cx, cy = world.cell_centre(o.cell)
+                centre_token[(min(gh - 1, int(cy * gh)), min(gw - 1, int(cx * gw)))] = o
             for i in range(gh):
                 for j in range(gw):
                     x, y = (j + 0.5) / gw, (i + 0.5) / gh
@@ -330,6 +332,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
+
     video_id = config.video_token_id
     # Changes are rare among a clip's tokens; weigh them up so the flag is not just "no".
     change_class_weight = torch.tensor([1.0, 4.0])
@@ -500,7 +503,7 @@ def evaluate_quality(model, processor, n_scenes: int = 200, n_clips: int = 100,
     count_right = [world.stated_count(t) == world.stated_count(s.answer) for t, s in zip(count_ans, counts)]
     count_ok = sum(count_right)
     # Counting all objects vs one colour ("How many green objects?"): the second also needs the question read.
-    one_colour = [any(f"many {c} " in s.question for c in world.COLOURS) for s in counts]
+    one_colour = [world.counted_colour(s.question) is not None for s in counts]
     count_split = {f"count_accuracy_{name}": sum(r for r, c in zip(count_right, one_colour) if c == want)
                    / max(1, sum(c == want for c in one_colour))
                    for name, want in (("all_objects", False), ("one_colour", True))}
@@ -589,8 +592,8 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 
 ## Training
 - Command: `python -m specvlm_core tiny-train --out assets/tiny-vlm --minutes {train_cfg['minutes']:g}{command_flags}`
-  (seed {train_cfg['seed']}, AdamW lr {train_cfg['lr']}, batch {train_cfg['batch_size']}, warm-up then cosine to 10% over the
-  time budget, one size bucket per batch{vision_phase}).
+  (AdamW, warm-up then cosine to 10% over the time budget, one size bucket per
+  batch{vision_phase}).
 - Loss: the answers' cross-entropy plus {train_cfg.get('aux_weight', 0)} x a dense auxiliary loss on the vision
   tower's output: every visual token is classified by the colour, shape and size of the
   object it covers (or background) and by its 3x3 grid cell, with targets computed from

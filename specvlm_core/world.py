@@ -264,6 +264,18 @@ def describe_scene(objects, rng: random.Random) -> str:
     return f"{opener} {body[0].upper()}{body[1:]}.{closer}".strip()
 
 
+COLOUR_COUNT_QUESTION = "How many {} objects are there?"
+
+
+def counted_colour(question: str) -> str | None:
+    """The colour a count question restricts to ("How many green objects are there?"
+    -> "green"), or None for a question that counts every object."""
+    for colour in COLOURS:
+        if question == COLOUR_COUNT_QUESTION.format(colour):
+            return colour
+    return None
+
+
 def scene_question(objects, rng: random.Random) -> tuple[str, str, str]:
     """(task, question, answer) about a still scene."""
     task = rng.choice(["count", "count", "colour", "position", "relation", "count_colour"])
@@ -273,7 +285,7 @@ def scene_question(objects, rng: random.Random) -> tuple[str, str, str]:
         return "count", q, count_answer(objects)
     if task == "count_colour":
         colour = rng.choice([o.colour for o in objects] + [rng.choice(list(COLOURS))])
-        return "count", f"How many {colour} objects are there?", \
+        return "count", COLOUR_COUNT_QUESTION.format(colour), \
             count_answer([o for o in objects if o.colour == colour], colour + " object")
     if task == "colour":
         o = rng.choice(objects)

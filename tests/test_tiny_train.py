@@ -30,12 +30,40 @@ def test_tiny_train_runs_both_phases_and_writes_a_loadable_model(tmp_path):
 
 def test_quality_metrics_split_counts_by_question_kind(monkeypatch):
     """A model that counts every object right and never answers a one-colour count scores
-    1 and 0 on the two count splits, and their weighted mean is the overall count accuracy."""
+    1 and 0 on the two count splits, and the overall count accuracy is the share of
+    all-object questions."""
     from specvlm_core import world
+    asked = []
 
     def fake_answers(model, processor, samples, **kwargs):
-        return ["" if any(f"many {c} " in s.question for c in world.COLOURS) else s.answer for s in samples]
+        asked.extend(s for s in samples if s.task == "count")
+        return ["" if world.counted_colour(s.question) else s.answer for s in samples]
     monkeypatch.setattr(tiny_vlm, "greedy_answers", fake_answers)
     m = tiny_vlm.evaluate_quality(torch.nn.Identity(), None, n_scenes=40, n_clips=2)
+    assert len(asked) == 40
+    all_objects = sum(world.counted_colour(s.question) is None for s in asked)
+    assert 0 < all_objects < 40  # both kinds are asked
     assert m["count_accuracy_all_objects"] == 1.0 and m["count_accuracy_one_colour"] == 0.0
-    assert 0.0 < m["count_accuracy"] < 1.0 and m["describe_all_objects"] == 1.0 and m["motion_accuracy"] == 1.0
+    assert m["count_accuracy"] == all_objects / 40
+    assert m["describe_all_objects"] == 1.0 and m["motion_accuracy"] == 1.0
+
+
+def test_counted_colour_reads_the_generated_count_questions():
+    from specvlm_core import world
+    questions = {world.make_sample(world.EVAL_SEED + 10**6 + i, kind="image", task="count").question
+                 for i in range(60)}
+    colours = {world.counted_colour(q) for q in questions}
+    assert None in colours and colours - {None} <= set(world.COLOURS) and len(colours) > 2
+    assert world.counted_colour("How many green objects are there?") == "green"
+    assert world.counted_colour("How many objects are there?") is None
+
+
+def test_cli_defaults_are_the_training_functions_defaults():
+    """The shipped model was trained with the CLI's defaults; Python callers get the same run."""
+    import inspect
+    from specvlm_core.cli import build_parser
+    args = build_parser().parse_args(["tiny-train", "--out", "x"])
+    defaults = inspect.signature(tiny_vlm.train_tiny_vlm).parameters
+    for name in ("minutes", "max_steps", "batch_size", "lr", "seed", "eval_scenes", "eval_clips", "aux_weight",
+                 "vision_minutes", "vision_lr", "video_share"):
+        assert getattr(args, name) == defaults[name].default, name
