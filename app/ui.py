@@ -228,7 +228,10 @@ def build_demo(state: AppState, queue_size: int = 32) -> gr.Blocks:
                               [media, question, temperature, top_p, max_new, seed, frames, tree_auto, tree_top_k,
                                tree_depth, tree_total, compressor, session],
                               [outputs[name] for name in COMPARE_OUTPUTS], api_name="compare",
-                              show_progress="minimal", show_progress_on=[status])
+                              show_progress="minimal", show_progress_on=[status],
+                              # A Run pressed right after Stop, while the cancelled run is still
+                              # winding down, starts once it has; "once" would drop the click.
+                              trigger_mode="always_last")
         stop.click(h.stopped, None, [status], cancels=[run_event], api_name="stop", queue=False)
         round_slider.change(h.show_round, [round_slider, session], [tree_plot, round_info], api_name="tree_round",
                             show_progress="hidden")
