@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the dense visual-token object loss (0 = language loss only)")
     t.add_argument("--probe-every", type=float, default=10.0,
                    help="minutes between small held-out quality probes logged to train_log.jsonl (0 = none)")
-    t.add_argument("--vision-minutes", type=float, default=12.0,
+    t.add_argument("--vision-minutes", type=float, default=15.0,
                    help="minutes (of the budget) that first train the vision tower alone on the dense visual loss")
     t.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision phase")
     t.add_argument("--video-share", type=float, default=0.35, help="fraction of batches that are clips")

@@ -401,14 +401,16 @@ def describe_clip(per_frame, events, rng: random.Random) -> str:
 
 def make_sample(seed: int, kind: str | None = None, task: str | None = None,
                 size_range: tuple[int, int] = (64, 384),
-                video_size_range: tuple[int, int] = (64, 160), n_frames: int | None = None) -> Sample:
+                video_size_range: tuple[int, int] = (64, 160), n_frames: int | None = None,
+                object_range: tuple[int, int] = (1, 6)) -> Sample:
     """The sample of a seed. kind: "image" | "video" | None (3:1 images); n_frames
-    fixes a clip's length (default: 4-16 at random)."""
+    fixes a clip's length (default: 4-16 at random); object_range bounds a still
+    scene's number of objects (at most 9, one per grid cell)."""
     rng = random.Random(seed)
     kind = kind or ("video" if rng.random() < 0.25 else "image")
     bg = rng.choice(BACKGROUNDS)
     if kind == "image":
-        objs = random_objects(rng, rng.randint(1, 6))
+        objs = random_objects(rng, rng.randint(*object_range))
         w, h = random_canvas(rng, *size_range)
         img = render(objs, w, h, bg)
         t = task or ("describe" if rng.random() < 0.5 else "qa")
