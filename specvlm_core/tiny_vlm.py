@@ -235,7 +235,7 @@ def object_shape_accuracy(head: torch.nn.Linear, features: torch.Tensor, targets
 
 # Scenes of the vision phase are crowded: object tokens carry the shape signal and most
 # tokens of a 1-6 object scene are background. A 5-minute A/B of the phase alone
-# (runs/vision_ab.py): held-out shape accuracy 46% with 5-9 objects vs 40% with 1-6.
+# (docs/experiments/vision_ab.py): held-out shape accuracy 46% with 5-9 objects vs 40% with 1-6.
 VISION_OBJECTS = (5, 9)
 
 CHANGE_LAYER = 4  # decoder layer whose video-token states learn to flag changes
