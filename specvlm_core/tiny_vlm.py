@@ -560,6 +560,7 @@ def write_model_card(model_dir: str | Path) -> Path:
                             f"{metrics['count_accuracy_one_colour']:.0%}.\n")
     vision_phase = (f"; the first {train_cfg['vision_minutes']:g} minutes train the vision tower alone on the "
                     f"dense visual loss, {train_cfg['vision_batch_size']} stills per step"
+                    + (" of {}-{} objects".format(*train_cfg["vision_objects"]) if "vision_objects" in train_cfg else "")
                     if train_cfg.get("vision_minutes") else "")
     # Every setting that shapes the run, so the command reproduces it whatever the CLI defaults are.
     command_flags = "".join(f" --{flag} {train_cfg[key]:g}" for flag, key in

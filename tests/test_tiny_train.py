@@ -19,6 +19,7 @@ def test_tiny_train_runs_both_phases_and_writes_a_loadable_model(tmp_path):
     assert [e["step"] for e in joint] == [1, 2] and metrics["train_steps"] == 2
     config = json.loads((out / "train_config.json").read_text())
     assert config["vision_minutes"] == 0.05 and config["video_share"] == 0.5
+    assert config["vision_objects"] == list(tiny_vlm.VISION_OBJECTS)
     assert 0.0 <= metrics["describe_all_objects"] <= 1.0
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
@@ -26,6 +27,7 @@ def test_tiny_train_runs_both_phases_and_writes_a_loadable_model(tmp_path):
     # The model card's command reproduces this run's settings, whatever the CLI defaults are.
     card = tiny_vlm.write_model_card(out).read_text()
     assert "--minutes 0.5 --vision-minutes 0.05 --lr 0.0015 --video-share 0.5 --batch-size 2 --seed 0`" in card
+    assert "stills per step of 5-9 objects" in card
 
 
 def test_quality_metrics_split_counts_by_question_kind(monkeypatch):

@@ -1,4 +1,5 @@
-"""The world's geometry helpers and the tiny VLM's dense visual-token targets."""
+"""The world generator (determinism, variety, geometry helpers) and the tiny VLM's dense
+visual-token targets."""
 import pytest
 import torch
 
