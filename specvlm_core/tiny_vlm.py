@@ -235,7 +235,7 @@ def object_shape_accuracy(head: torch.nn.Linear, features: torch.Tensor, targets
 
 # Scenes of the vision phase are crowded: object tokens carry the shape signal and most
 # tokens of a 1-6 object scene are background. A 5-minute A/B of the phase alone
-# (docs/experiments/vision_ab.py): held-out shape accuracy 46% with 5-9 objects vs 40% with 1-6.
+# (docs/experiments/vision_ab.py): held-out shape accuracy 40% with 5-9 objects vs 35% with 1-6.
 VISION_OBJECTS = (5, 9)
 
 CHANGE_LAYER = 4  # decoder layer whose video-token states learn to flag changes
@@ -277,6 +277,18 @@ def lr_at(step: int, progress: float, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# One size bucket per batch keeps padding low; small images are the cheapest steps, so
+# they are sampled most, but every resolution is seen.
+SIZE_BUCKETS = ((64, 128), (64, 128), (128, 224), (224, 384))
+
+
+def adamw(named, lr: float) -> torch.optim.AdamW:
+    """AdamW over (name, parameter) pairs: weight decay on matrices only."""
+    return torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.05},
+                              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
 
 
 def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
@@ -324,11 +336,6 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
     params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux_head.named_parameters()] + \
         [("change." + n, p) for n, p in change_head.named_parameters()]
 
-    def adamw(named):
-        return torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.05},
-                                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
-                                 lr=lr, betas=(0.9, 0.98))
-
     def update(optimizer, loss: torch.Tensor, named, lr_now: float) -> None:
         """One optimiser step on loss at learning rate lr_now, gradients clipped to norm 1."""
         for g in optimizer.param_groups:
@@ -355,12 +362,12 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
     bar = tqdm(total=int(budget), disable=not progress, desc="tiny-train", unit="s")
     seed_cursor = seed * 10**7
 
-    def next_batch(size: int, clip_share: float, object_range: tuple[int, int] = (1, 6)):
-        """A batch of one kind and one size bucket (keeps padding low; small images are
-        the cheapest steps, so they are sampled most, but every resolution is seen)."""
+    def next_batch(size: int, clip_share: float, object_range: tuple[int, int] | None = None):
+        """A batch of one kind and one size bucket (see SIZE_BUCKETS); object_range as
+        in world.make_sample."""
         nonlocal seed_cursor
         kind = "video" if random.random() < clip_share else "image"
-        lo, hi = random.choice([(64, 128), (64, 128), (128, 224), (224, 384)])
+        lo, hi = random.choice(SIZE_BUCKETS)
         samples = [world.make_sample(seed_cursor + i, kind=kind, size_range=(lo, hi), object_range=object_range)
                    for i in range(size)]
         seed_cursor += size
@@ -370,7 +377,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
     if vision_budget > 0:
         vision_params = [("visual." + n, p) for n, p in model.model.visual.named_parameters()] + \
             [("aux." + n, p) for n, p in aux_head.named_parameters()]
-        vopt = adamw(vision_params)
+        vopt = adamw(vision_params, lr)
         vstep = 0
         while time.time() - t0 < vision_budget:
             # Stills only: a clip's frames come from the same renderer at lower resolution,
@@ -392,7 +399,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
             bar.update(min(int(budget), int(elapsed)) - bar.n)
         del vopt
 
-    opt = adamw(params)
+    opt = adamw(params, lr)
     joint_start, joint_budget = time.time(), budget - (time.time() - t0)
     step = 0
     next_probe = (time.time() - t0) + probe_every_minutes * 60

@@ -40,6 +40,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen",
                 "sixteen")
 BACKGROUNDS = ((200, 200, 200), (170, 190, 210), (215, 205, 180), (150, 160, 150))
+SCENE_OBJECTS = (1, 6)  # objects per still scene (min, max)
 ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (3, 2))
 
 
@@ -402,15 +403,15 @@ def describe_clip(per_frame, events, rng: random.Random) -> str:
 def make_sample(seed: int, kind: str | None = None, task: str | None = None,
                 size_range: tuple[int, int] = (64, 384),
                 video_size_range: tuple[int, int] = (64, 160), n_frames: int | None = None,
-                object_range: tuple[int, int] = (1, 6)) -> Sample:
+                object_range: tuple[int, int] | None = None) -> Sample:
     """The sample of a seed. kind: "image" | "video" | None (3:1 images); n_frames
     fixes a clip's length (default: 4-16 at random); object_range bounds a still
-    scene's number of objects (at most 9, one per grid cell)."""
+    scene's number of objects (default SCENE_OBJECTS; at most 9, one per grid cell)."""
     rng = random.Random(seed)
     kind = kind or ("video" if rng.random() < 0.25 else "image")
     bg = rng.choice(BACKGROUNDS)
     if kind == "image":
-        objs = random_objects(rng, rng.randint(*object_range))
+        objs = random_objects(rng, rng.randint(*(object_range or SCENE_OBJECTS)))
         w, h = random_canvas(rng, *size_range)
         img = render(objs, w, h, bg)
         t = task or ("describe" if rng.random() < 0.5 else "qa")

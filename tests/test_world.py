@@ -130,4 +130,5 @@ def test_object_range_bounds_a_scenes_objects_and_keeps_the_default_stream():
     crowded = [world.make_sample(i, kind="image", object_range=(5, 9)) for i in range(40)]
     assert {len(s.objects) for s in crowded} == set(range(5, 10))
     # The default range draws exactly what the generator drew before the argument existed.
+    assert world.SCENE_OBJECTS == (1, 6)
     assert world.make_sample(21, kind="image").answer == world.make_sample(21, kind="image", object_range=(1, 6)).answer
