@@ -165,7 +165,7 @@ def cmd_bench(args) -> int:
 
 def cmd_gpu_bench(args) -> int:
     from .gpu_bench import run
-    report = run(device=args.device, tiny=args.tiny, suite=args.suite, out=args.json)
+    report = run(device=args.device, tiny=args.tiny, suite=args.suite, out=args.json, parts=args.parts)
     print(json.dumps({k: v for k, v in report.items() if k != "embedded_suite"}, indent=2))
     if "embedded_suite" in report:
         print(f"embedded suite: speedup {report['embedded_suite']['speedup']}, "
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--tiny", action="store_true", help="shrunken configs: checks the code path on a CPU")
     gb.add_argument("--suite", default="quick", choices=["quick", "default"])
     gb.add_argument("--json", default="gpu_bench.json")
+    gb.add_argument("--parts", nargs="+", default=["real", "embedded"], choices=["real", "embedded"],
+                    help="real: verify/draft curves of LLaVA-1.5-7B and Qwen2-VL-2B; embedded: the suite")
     gb.set_defaults(func=cmd_gpu_bench)
 
     x = sub.add_parser("examples", help="write the example images and clips")

@@ -112,7 +112,7 @@ def pick_token(logits: torch.Tensor, sampling: SamplingSettings, generator: torc
     if sampling.temperature == 0:
         return int(logits.argmax())
     probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
 
 
 def accept_greedy(tree_tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor):
@@ -142,13 +142,14 @@ def accept_sampling(tree_tokens: torch.Tensor, parents: torch.Tensor, target_pro
     every child is rejected, the bonus token is sampled from what remains of p; if a
     leaf is reached, from the leaf's p. The emitted sequence has exactly the target's
     distribution. target_probs: [n, V] processed (temperature/top-k/top-p) distributions.
-    Returns (accepted node indices, root first; bonus token).
+    Returns (accepted node indices, root first; bonus token). The generator is a CPU
+    one (see _prefill_and_first_token), so each row is drawn from on the CPU.
     """
     tokens = tree_tokens.tolist()
     children = children_lists(parents)
     path = [0]
     while True:
-        p = target_probs[path[-1]].clone()
+        p = target_probs[path[-1]].to("cpu", torch.float32, copy=True)
         moved = False
         for child in children[path[-1]]:
             x = tokens[child]
@@ -481,6 +482,8 @@ class _Start:
 
 def _prefill_and_first_token(target, inputs: dict, sampling: SamplingSettings) -> _Start:
     sampling.validate()
+    # A CPU generator on every device: a seed draws the same random stream on a CPU and
+    # a GPU (tokens are drawn from CPU copies of the probabilities, see pick_token).
     gen = torch.Generator().manual_seed(sampling.seed)
     runner = TargetRunner(target)
     emitter = _Emitter(target, sampling)

@@ -119,13 +119,29 @@ def draft_costs(target: Target, context: int = 640, top_ks=(1, 4, 8, 10), depth:
     return out
 
 
-def run(device: str = "auto", tiny: bool = False, suite: str = "quick", out: str | None = None) -> dict:
+PARTS = ("real", "embedded")
+
+
+def run(device: str = "auto", tiny: bool = False, suite: str = "quick", out: str | None = None,
+        parts=PARTS) -> dict:
+    """Measure the given parts ("real": the two real architectures' curves; "embedded":
+    the benchmark suite on the embedded model, skipped with tiny). The JSON at out is
+    rewritten after each model, so a part that fails keeps what was measured before."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown gpu-bench part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "tiny": tiny,
               "torch": torch.__version__, "models": {}}
     t_start = time.time()
-    for name in REAL_CONFIGS:
+
+    def save() -> None:
+        report["total_seconds"] = round(time.time() - t_start, 1)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=2))
+    for name in REAL_CONFIGS if "real" in parts else ():
         t0 = time.time()
         target = build_random_target(name, dev, tiny=tiny)
         report["models"][name] = {
@@ -136,15 +152,18 @@ def run(device: str = "auto", tiny: bool = False, suite: str = "quick", out: str
         del target
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    if not tiny:
-        from . import api, bench
+        save()
+    if "embedded" in parts and not tiny:
+        from . import api, autotune, bench
+        from .engine import TreeSettings
         from .models import load_target
         target = load_target(None, device=str(dev))
         draft, _ = api.load_draft(target)
-        report["embedded_suite"] = bench.run_benchmark(target, draft, bench.suite(suite), repeats=2)
-        report["embedded_suite"].pop("rows", None)
-    report["total_seconds"] = round(time.time() - t_start, 1)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        # The tree chosen for this GPU, as `bench` does by default: verify cost grows far
+        # more slowly with the node count here than on a CPU.
+        chosen = autotune.auto_tree(target, draft, use_cache=False)
+        report["embedded_tree"] = {"tree": chosen["tree"], "why": chosen["why"], "costs": chosen["costs"]}
+        report["embedded_suite"] = bench.run_benchmark(target, draft, bench.suite(suite), repeats=2,
+                                                       tree=TreeSettings(**chosen["tree"]))
+    save()
     return report

@@ -217,7 +217,7 @@ def _count_phrase(n: int, noun: str = "object") -> str:
 
 
 def _object_phrase(o: WorldObject, rng: random.Random, style: int) -> str:
-    label = f" with the letter {o.label}" if o.label else ""
+    label = f" marked {o.label}" if o.label else ""
     if style == 0:
         return f"a {o.size} {o.name} in the {o.where}{label}"
     if style == 1:
@@ -229,12 +229,25 @@ def _listing(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def count_answer(objects, noun: str = "object") -> str:
-    """Counting shows its work: the objects in reading order, then the number, as a
-    person would count ("I see a ..., a ... and a ..., so there are three objects")."""
-    n = len(objects)
-    seen = _listing([f"a {o.size} {o.name} in the {o.where}" for o in objects]) if objects else f"no {noun}"
-    return f"I see {seen}, so there {'is' if n == 1 else 'are'} {_count_phrase(n, noun)}."
+def count_answer(objects, colour: str | None = None) -> str:
+    """Counting shows its work, as a person would count: every object in reading
+    order, then the number ("I see a ..., a ... and a ..., so there are three objects").
+    With a colour, the listing is followed by the objects of that colour, so the
+    model picks them out of its own listing instead of filtering pixels ("... Of
+    these, the green ones are the star in the centre, so there is one green object.")."""
+    seen = _listing([f"a {o.size} {o.name} in the {o.where}" for o in objects])
+    if colour is None:
+        n = len(objects)
+        return f"I see {seen}, so there {'is' if n == 1 else 'are'} {_count_phrase(n)}."
+    chosen = [o for o in objects if o.colour == colour]
+    n = len(chosen)
+    if not chosen:
+        which = f"none is {colour}"
+    else:
+        which = f"the {colour} {'one is' if n == 1 else 'ones are'} " + \
+            _listing([f"the {o.shape}" for o in chosen])  # (colour, shape) pairs are unique in a scene
+    return f"I see {seen}. Of these, {which}, so there {'is' if n == 1 else 'are'} " \
+        f"{_count_phrase(n, colour + ' object')}."
 
 
 COUNT_PATTERN = re.compile(r"so there (?:is|are) (\w+) ")
@@ -251,17 +264,21 @@ def describe_scene(objects, rng: random.Random) -> str:
     n = len(objects)
     style = rng.randrange(3)
     opener = rng.choice([
-        f"The image shows {_count_phrase(n)} on a plain background.",
+        f"The image shows {_count_phrase(n)}" + (" on a plain background." if n <= 4 else "."),
         f"There {'is' if n == 1 else 'are'} {_count_phrase(n)} in this picture.",
-        f"I can see {_count_phrase(n, 'shape')} arranged on a grid.",
+        f"I can see {_count_phrase(n, 'shape')}" + (" arranged on a grid." if n <= 4 else "."),
         f"This picture contains {_count_phrase(n)}.",
     ])
-    parts = [_object_phrase(o, rng, style) for o in objects]
-    if len(parts) == 1:
-        body = parts[0]
+    body = _listing([_object_phrase(o, rng, style) for o in objects])
+    # The closing sentence keeps descriptions within 20-80 tokens: always one for
+    # sparse scenes, never one for crowded ones.
+    if n <= 2:
+        closers = [" The rest of the grid is empty.", " The other cells of the grid are empty."]
+    elif n <= 4:
+        closers = ["", " Nothing else is visible.", " The rest of the grid is empty."]
     else:
-        body = ", ".join(parts[:-1]) + " and " + parts[-1]
-    closer = rng.choice(["", " Nothing else is visible.", " The rest of the grid is empty." if n < 9 else ""])
+        closers = [""]
+    closer = rng.choice(closers)
     return f"{opener} {body[0].upper()}{body[1:]}.{closer}".strip()
 
 
@@ -286,8 +303,7 @@ def scene_question(objects, rng: random.Random) -> tuple[str, str, str]:
         return "count", q, count_answer(objects)
     if task == "count_colour":
         colour = rng.choice([o.colour for o in objects] + [rng.choice(list(COLOURS))])
-        return "count", COLOUR_COUNT_QUESTION.format(colour), \
-            count_answer([o for o in objects if o.colour == colour], colour + " object")
+        return "count", COLOUR_COUNT_QUESTION.format(colour), count_answer(objects, colour)
     if task == "colour":
         o = rng.choice(objects)
         return "colour", f"What colour is the shape in the {o.where}?", \
@@ -387,24 +403,36 @@ def describe_events(events) -> str:
     return text
 
 
+def clip_start(first, rng: random.Random, style: int) -> str:
+    """The sentence naming a clip's first-frame objects ("At the start there are ...")."""
+    body = _listing([_object_phrase(replace(o, label=None), rng, style) for o in first])
+    return f"At the start there {'is' if len(first) == 1 else 'are'} {body}."
+
+
 def describe_clip(per_frame, events, rng: random.Random) -> str:
-    first = per_frame[0]
     n = len(per_frame)
     opener = rng.choice([f"A clip of {NUMBER_WORDS[n]} frames.", "A short video.",
                          f"This video has {NUMBER_WORDS[n]} frames."])
     style = rng.randrange(3)
-    parts = [_object_phrase(replace(o, label=None), rng, style) for o in first]
-    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{opener} At the start there {'is' if len(first) == 1 else 'are'} {body}. {describe_events(events)}"
+    return f"{opener} {clip_start(per_frame[0], rng, style)} {describe_events(events)}"
 
 
 # --------------------------------------------------------------------------- samples
+
+def _is_task(wanted: str | None, task: str, question: str) -> bool:
+    """Whether a drawn scene question fits the asked-for task: None and "qa" take any,
+    "count" takes both kinds of count, "count_colour" only counts of one colour."""
+    if wanted == "count_colour":
+        return task == "count" and counted_colour(question) is not None
+    return wanted in (None, "qa", task)
+
 
 def make_sample(seed: int, kind: str | None = None, task: str | None = None,
                 size_range: tuple[int, int] = (64, 384),
                 video_size_range: tuple[int, int] = (64, 160), n_frames: int | None = None,
                 object_range: tuple[int, int] | None = None) -> Sample:
-    """The sample of a seed. kind: "image" | "video" | None (3:1 images); n_frames
+    """The sample of a seed. kind: "image" | "video" | None (3:1 images); task: None
+    (any), "describe", "qa" or one QA task (see _is_task); n_frames
     fixes a clip's length (default: 4-16 at random); object_range bounds a still
     scene's number of objects (default SCENE_OBJECTS; at most 9, one per grid cell)."""
     rng = random.Random(seed)
@@ -419,11 +447,11 @@ def make_sample(seed: int, kind: str | None = None, task: str | None = None,
             return Sample("image", [img], rng.choice(DESCRIBE_PROMPTS), describe_scene(objs, rng),
                           "describe", tuple(objs))
         t2, q, a = scene_question(objs, rng)
-        if task not in (None, "qa") and task != t2:
+        if not _is_task(task, t2, q):
             # Ask for a specific QA task: resample deterministically until it matches.
             for _ in range(64):
                 t2, q, a = scene_question(objs, rng)
-                if t2 == task:
+                if _is_task(task, t2, q):
                     break
         return Sample("image", [img], q, a, t2, tuple(objs))
     per_frame, events = random_clip(rng, n_frames)
@@ -436,9 +464,10 @@ def make_sample(seed: int, kind: str | None = None, task: str | None = None,
                       {"per_frame": per_frame})
     q = rng.choice(["What happens in the video?", "What changes during the clip?",
                     "What event takes place in this video?"])
-    ans = describe_events(events)
-    return Sample("video", frames, q, ans[5].upper() + ans[6:], "motion", tuple(per_frame[0]), tuple(events),
-                  {"per_frame": per_frame})
+    # The answer names the first frame's objects before the events, so the model can
+    # take the changed object's colour, shape and cell from its own listing.
+    ans = f"{clip_start(per_frame[0], rng, 0)} {describe_events(events)}"
+    return Sample("video", frames, q, ans, "motion", tuple(per_frame[0]), tuple(events), {"per_frame": per_frame})
 
 
 def corpus_text(n: int = 4000, seed: int = 0) -> list[str]:

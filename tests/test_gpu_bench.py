@@ -12,3 +12,22 @@ def test_tiny_gpu_bench_writes_curves(tmp_path):
         curve = m["verify_ms_by_nodes"]
         assert list(curve) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128] and all(v > 0 for v in curve.values())
         assert set(m["draft_ms_per_expansion_by_top_k"]) == {1, 4, 8, 10}
+
+
+def test_unknown_part_is_refused_before_any_work(tmp_path):
+    import pytest
+    with pytest.raises(ValueError, match="unknown gpu-bench part"):
+        gpu_bench.run(device="cpu", tiny=True, parts=["real", "suite"], out=str(tmp_path / "x.json"))
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_embedded_part_alone_uses_the_chosen_tree(tmp_path, monkeypatch):
+    """The embedded suite runs under the tree auto-tuned on the device, and that choice is
+    written next to the suite (the suite itself is stubbed: it takes minutes on a CPU)."""
+    from specvlm_core import autotune, bench
+    chosen = {"tree": {"top_k": 8, "depth": 8, "total_tokens": 48}, "why": "measured", "costs": {}}
+    monkeypatch.setattr(autotune, "auto_tree", lambda target, draft, use_cache: chosen)
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: {"tree": [k["tree"].top_k, k["tree"].total_tokens]})
+    report = gpu_bench.run(device="cpu", parts=["embedded"], out=str(tmp_path / "e.json"))
+    assert report["models"] == {} and report["embedded_suite"] == {"tree": [8, 48]}
+    assert json.loads((tmp_path / "e.json").read_text())["embedded_tree"]["why"] == "measured"
