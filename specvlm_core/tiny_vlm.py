@@ -547,6 +547,8 @@ def write_model_card(model_dir: str | Path) -> Path:
     train_cfg = json.loads((folder / "train_config.json").read_text())
     cfg = train_cfg["tiny_config"]
     t, v = cfg["text"], cfg["vision"]
+    image_tasks = ", ".join(f"{name} {weight:.0%}" for name, weight in
+                            train_cfg.get("image_tasks", {"describe": 0.5, "qa": 0.5}).items())
     size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
     probes = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()
               if '"probe"' in line] if (folder / "train_log.jsonl").is_file() else []
@@ -635,12 +637,18 @@ processor = AutoProcessor.from_pretrained("assets/tiny-vlm")
 - Counting answers list what they count, in reading order, then give the number ("I see a
   small red circle in the top left and a large blue star in the center, so there are two
   objects."): a small model counts a list it has written far more reliably than a set of
-  image patches.
+  image patches. A question about one colour gets the same listing, then the objects of
+  that colour ("... Of these, the green ones are the star and the circle, so there are
+  two green objects."; "none is green" for zero), so picking them out is a lookup in
+  its own text. Motion answers likewise name the first frame's objects before the
+  events ("At the start there are ... Then the red cross moves from ... to ...").
 - Data: `specvlm_core/world.py`, an endless deterministic stream: scenes of 1-6
   objects (8 shapes, 8 colours, 2 sizes, 3x3 grid, optional letters) at 64-384 px in 7
   aspect ratios, and 4-16 frame clips where objects move, appear, disappear or change
   colour; detailed descriptions in several phrasings and QA (count, colour, position,
   relation, motion). {train_cfg.get('video_share', 0.3):.0%} of the joint batches are clips.
+  Training stills are drawn by task: {image_tasks} ("qa" = the generator's own
+  question mix; the held-out sets below use the generator's mix unchanged).
 - Time: {metrics['train_seconds'] / 60:.1f} minutes on 2 CPU cores, {metrics['train_steps']} steps
   ({metrics['train_steps'] * metrics['batch_size']} samples), final loss {metrics['final_loss']}.
 
