@@ -165,7 +165,8 @@ def cmd_bench(args) -> int:
 
 def cmd_gpu_bench(args) -> int:
     from .gpu_bench import run
-    report = run(device=args.device, tiny=args.tiny, suite=args.suite, out=args.json, parts=args.parts)
+    report = run(device=args.device, tiny=args.tiny, suite=args.suite, out=args.json, parts=args.parts,
+                 embedded_dtype=args.embedded_dtype)
     print(json.dumps({k: v for k, v in report.items() if k != "embedded_suite"}, indent=2))
     if "embedded_suite" in report:
         print(f"embedded suite: speedup {report['embedded_suite']['speedup']}, "
@@ -327,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--json", default="gpu_bench.json")
     gb.add_argument("--parts", nargs="+", default=["real", "embedded"], choices=["real", "embedded"],
                     help="real: verify/draft curves of LLaVA-1.5-7B and Qwen2-VL-2B; embedded: the suite")
+    gb.add_argument("--embedded-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="dtype of the embedded model (default: bf16/fp16 on a GPU)")
     gb.set_defaults(func=cmd_gpu_bench)
 
     x = sub.add_parser("examples", help="write the example images and clips")

@@ -123,10 +123,12 @@ PARTS = ("real", "embedded")
 
 
 def run(device: str = "auto", tiny: bool = False, suite: str = "quick", out: str | None = None,
-        parts=PARTS) -> dict:
+        parts=PARTS, embedded_dtype: str | None = None) -> dict:
     """Measure the given parts ("real": the two real architectures' curves; "embedded":
     the benchmark suite on the embedded model, skipped with tiny). The JSON at out is
-    rewritten after each model, so a part that fails keeps what was measured before."""
+    rewritten after each model, so a part that fails keeps what was measured before.
+    embedded_dtype: the embedded model's dtype (None: the device's default, bf16/fp16 on
+    a GPU; "float32" checks token identity without half-precision rounding)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown gpu-bench part(s) {sorted(unknown)}; choose from {list(PARTS)}")
@@ -157,12 +159,13 @@ def run(device: str = "auto", tiny: bool = False, suite: str = "quick", out: str
         from . import api, autotune, bench
         from .engine import TreeSettings
         from .models import load_target
-        target = load_target(None, device=str(dev))
+        target = load_target(None, device=str(dev), dtype=embedded_dtype)
         draft, _ = api.load_draft(target)
         # The tree chosen for this GPU, as `bench` does by default: verify cost grows far
         # more slowly with the node count here than on a CPU.
         chosen = autotune.auto_tree(target, draft, use_cache=False)
-        report["embedded_tree"] = {"tree": chosen["tree"], "why": chosen["why"], "costs": chosen["costs"]}
+        report["embedded_tree"] = {"tree": chosen["tree"], "why": chosen["why"], "costs": chosen["costs"],
+                                   "dtype": str(target.dtype)}
         report["embedded_suite"] = bench.run_benchmark(target, draft, bench.suite(suite), repeats=2,
                                                        tree=TreeSettings(**chosen["tree"]))
     save()

@@ -28,6 +28,7 @@ def test_embedded_part_alone_uses_the_chosen_tree(tmp_path, monkeypatch):
     chosen = {"tree": {"top_k": 8, "depth": 8, "total_tokens": 48}, "why": "measured", "costs": {}}
     monkeypatch.setattr(autotune, "auto_tree", lambda target, draft, use_cache: chosen)
     monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: {"tree": [k["tree"].top_k, k["tree"].total_tokens]})
-    report = gpu_bench.run(device="cpu", parts=["embedded"], out=str(tmp_path / "e.json"))
+    report = gpu_bench.run(device="cpu", parts=["embedded"], out=str(tmp_path / "e.json"), embedded_dtype="bfloat16")
     assert report["models"] == {} and report["embedded_suite"] == {"tree": [8, 48]}
+    assert report["embedded_tree"]["dtype"] == "torch.bfloat16"
     assert json.loads((tmp_path / "e.json").read_text())["embedded_tree"]["why"] == "measured"
