@@ -286,7 +286,7 @@ SIZE_BUCKETS = ((64, 128), (64, 128), (128, 224), (224, 384))
 # is the generator's own question mix). Counting one colour gets three times the
 # generator's share: it is the hardest question, and a colour absent from the scene
 # (answer zero) is rare in the generator's mix. The held-out sets are unchanged.
-TRAIN_IMAGE_TASKS = (("describe", 0.45), ("count_colour", 0.2), ("qa", 0.35))
+TRAIN_IMAGE_TASKS = {"describe": 0.45, "count_colour": 0.2, "qa": 0.35}
 
 
 def adamw(named, lr: float) -> torch.optim.AdamW:
@@ -373,7 +373,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
         nonlocal seed_cursor
         kind = "video" if random.random() < clip_share else "image"
         lo, hi = random.choice(SIZE_BUCKETS)
-        tasks = random.choices([t for t, _ in TRAIN_IMAGE_TASKS], [w for _, w in TRAIN_IMAGE_TASKS], k=size) \
+        tasks = random.choices(list(TRAIN_IMAGE_TASKS), list(TRAIN_IMAGE_TASKS.values()), k=size) \
             if kind == "image" else [None] * size
         samples = [world.make_sample(seed_cursor + i, kind=kind, task=task, size_range=(lo, hi),
                                      object_range=object_range) for i, task in enumerate(tasks)]
@@ -460,7 +460,7 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
                                                         "vision_batch_size": vision_batch_size,
                                                         "vision_lr": vision_lr,
                                                         "vision_objects": list(VISION_OBJECTS),
-                                                        "image_tasks": dict(TRAIN_IMAGE_TASKS),
+                                                        "image_tasks": TRAIN_IMAGE_TASKS,
                                                         "video_share": video_share},
                                                        indent=2))
     return metrics

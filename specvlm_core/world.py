@@ -237,17 +237,15 @@ def count_answer(objects, colour: str | None = None) -> str:
     these, the green ones are the star in the centre, so there is one green object.")."""
     seen = _listing([f"a {o.size} {o.name} in the {o.where}" for o in objects])
     if colour is None:
-        n = len(objects)
-        return f"I see {seen}, so there {'is' if n == 1 else 'are'} {_count_phrase(n)}."
-    chosen = [o for o in objects if o.colour == colour]
-    n = len(chosen)
-    if not chosen:
-        which = f"none is {colour}"
+        said, n, noun = f"I see {seen}", len(objects), "object"
     else:
-        which = f"the {colour} {'one is' if n == 1 else 'ones are'} " + \
-            _listing([f"the {o.shape}" for o in chosen])  # (colour, shape) pairs are unique in a scene
-    return f"I see {seen}. Of these, {which}, so there {'is' if n == 1 else 'are'} " \
-        f"{_count_phrase(n, colour + ' object')}."
+        chosen = [o for o in objects if o.colour == colour]
+        n, noun = len(chosen), colour + " object"
+        which = (f"the {colour} {'one is' if n == 1 else 'ones are'} " + _listing([f"the {o.shape}" for o in chosen])
+                 if chosen else f"none is {colour}")
+        said = f"I see {seen}. Of these, {which}"  # (colour, shape) pairs are unique: the shape names it
+    # One closing clause for both kinds: COUNT_PATTERN reads the number from it.
+    return f"{said}, so there {'is' if n == 1 else 'are'} {_count_phrase(n, noun)}."
 
 
 COUNT_PATTERN = re.compile(r"so there (?:is|are) (\w+) ")
