@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vision-minutes", type=float, default=15.0,
                    help="minutes (of the budget) that first train the vision tower alone on the dense visual loss")
     t.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision phase")
-    t.add_argument("--video-share", type=float, default=0.35, help="fraction of batches that are clips")
+    t.add_argument("--video-share", type=float, default=0.4, help="fraction of batches that are clips")
     t.set_defaults(func=cmd_tiny_train)
 
     e = sub.add_parser("tiny-eval", help="measure the quality metrics of a tiny model on held-out world data")
