@@ -17,6 +17,19 @@ def test_stock_transformers_loads_the_embedded_model_offline():
     assert sum(p.numel() for p in model.parameters()) < 10_000_000
 
 
+def test_shipped_model_was_trained_with_the_code_defaults():
+    """The training script and the shipped weights must describe the same model: a changed
+    TINY_CONFIG (for example the clip frame size) needs a retrained checkpoint."""
+    import json
+    from pathlib import Path
+    folder = Path(DEFAULT_MODEL)
+    trained = json.loads((folder / "train_config.json").read_text())["tiny_config"]
+    assert trained == json.loads(json.dumps(tiny_vlm.TINY_CONFIG))
+    processor = AutoProcessor.from_pretrained(DEFAULT_MODEL)
+    for part, key in ((processor.image_processor, "image_pixels"), (processor.video_processor, "video_pixels")):
+        assert (part.size["shortest_edge"], part.size["longest_edge"]) == tuple(tiny_vlm.TINY_CONFIG[key])
+
+
 def visual_tokens(target, **media):
     ids = prepare_inputs(target, "Describe it.", **media)["input_ids"][0]
     return int(engine.visual_mask(target, {"input_ids": ids[None]}).sum())
