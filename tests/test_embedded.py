@@ -1,5 +1,8 @@
 """The shipped model and draft: offline loading, visual-token scaling, lossless
 decoding with the trained draft, and the quality metrics of the model card."""
+import json
+from pathlib import Path
+
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -20,8 +23,6 @@ def test_stock_transformers_loads_the_embedded_model_offline():
 def test_shipped_model_was_trained_with_the_code_defaults():
     """The training script and the shipped weights must describe the same model: a changed
     TINY_CONFIG (for example the clip frame size) needs a retrained checkpoint."""
-    import json
-    from pathlib import Path
     folder = Path(DEFAULT_MODEL)
     trained = json.loads((folder / "train_config.json").read_text())["tiny_config"]
     assert trained == json.loads(json.dumps(tiny_vlm.TINY_CONFIG))
