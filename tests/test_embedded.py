@@ -27,8 +27,11 @@ def test_shipped_model_was_trained_with_the_code_defaults():
     trained = json.loads((folder / "train_config.json").read_text())["tiny_config"]
     assert trained == json.loads(json.dumps(tiny_vlm.TINY_CONFIG))
     processor = AutoProcessor.from_pretrained(DEFAULT_MODEL)
-    for part, key in ((processor.image_processor, "image_pixels"), (processor.video_processor, "video_pixels")):
-        assert (part.size["shortest_edge"], part.size["longest_edge"]) == tuple(tiny_vlm.TINY_CONFIG[key])
+    images, videos = processor.image_processor.size, processor.video_processor.size
+    # Stills are upscaled to a higher floor at inference than in training (see INFERENCE_IMAGE_MIN_PIXELS).
+    assert (images["shortest_edge"], images["longest_edge"]) == \
+        (tiny_vlm.INFERENCE_IMAGE_MIN_PIXELS, tiny_vlm.TINY_CONFIG["image_pixels"][1])
+    assert (videos["shortest_edge"], videos["longest_edge"]) == tuple(tiny_vlm.TINY_CONFIG["video_pixels"])
 
 
 def visual_tokens(target, **media):
@@ -37,8 +40,10 @@ def visual_tokens(target, **media):
 
 
 def test_visual_tokens_grow_with_resolution_and_frames(embedded_target):
-    sizes = [visual_tokens(embedded_target, image=world.render([], s, s)) for s in (64, 128, 224)]
+    sizes = [visual_tokens(embedded_target, image=world.render([], s, s)) for s in (96, 160, 224)]
     assert sizes[0] < sizes[1] < sizes[2]
+    # Below the inference floor (128x128 px) a still is upscaled: 64 tokens, as at 128 px.
+    assert visual_tokens(embedded_target, image=world.render([], 64, 64)) == sizes[0] == 64
     frames = [visual_tokens(embedded_target, video=[world.render([], 96, 96)] * n) for n in (4, 8, 16)]
     assert frames[0] < frames[1] < frames[2]
 
