@@ -238,9 +238,10 @@ def count_answer(objects, colour: str | None = None) -> str:
 
     Tried and measured worse (one 88-minute retrain together with the clip change noted
     in make_sample, same held-out sets): a running tally after each object of the colour
-    inside the listing ("... a large green star in the center (one) ..."). Listings came out right more often (47 vs 39 of 60 one-colour
-    questions) but the tallies picked the wrong objects: one-colour counts 53% against
-    57%, and 12 of 60 answers ended on a colour other than the one asked (4 here)."""
+    inside the listing ("... a large green star in the center (one) ..."). Listings came
+    out right more often (47 vs 39 of 60 one-colour questions) but the tallies picked the
+    wrong objects: one-colour counts 53% against 57%, and 12 of 60 answers ended on a
+    colour other than the one asked (4 here)."""
     seen = _listing([f"a {o.size} {o.name} in the {o.where}" for o in objects])
     if colour is None:
         said, n, noun = f"I see {seen}", len(objects), "object"
