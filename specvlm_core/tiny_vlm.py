@@ -45,7 +45,9 @@ TINY_CONFIG = dict(
     text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
               rope_theta=10000.0, mrope_section=[8, 12, 12]),
-    image_pixels=(80 * 80, 224 * 224),  # min/max pixels: 25..196 visual tokens per image
+    # Min/max pixels in training: 25..196 visual tokens per image (the saved processor
+    # raises the floor to INFERENCE_IMAGE_MIN_PIXELS).
+    image_pixels=(80 * 80, 224 * 224),
     # Per frame; 16..36 tokens per 2 frames. 128x128 frames (64 tokens) halved the clip
     # batches' steps per minute and motion fell from 33% to 17% in the same budget.
     video_pixels=(64 * 64, 96 * 96),
@@ -469,6 +471,8 @@ def train_tiny_vlm(out_dir: str, minutes: float = 88.0, max_steps: int = 100000,
     train_seconds = time.time() - t0
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
+    # The probes above ran at the training floor; the saved processor and the final
+    # metrics below use the inference floor, as every later user of the model does.
     set_image_min_pixels(processor, INFERENCE_IMAGE_MIN_PIXELS)
     processor.save_pretrained(out)
     metrics = evaluate_quality(model, processor, eval_scenes, eval_clips, progress=progress)
