@@ -30,9 +30,11 @@ from . import engine
 from .tree import children_lists
 
 GRID_TOP_K = (1, 2, 3, 4, 6, 8)
-GRID_DEPTH = (2, 3, 4, 5, 6, 7, 8)
+GRID_DEPTH = (2, 3, 4, 5, 6, 7, 8, 10, 12)
 GRID_TOTAL = (4, 8, 12, 16, 24, 32, 48, 64)
-CALIBRATION_TREE = engine.TreeSettings(top_k=8, depth=8, total_tokens=64)
+# As deep as the deepest setting on the grid: a smaller tree is scored by restricting this one.
+CALIBRATION_TREE = engine.TreeSettings(top_k=8, depth=max(GRID_DEPTH), total_tokens=64)
+AUTOTUNE_VERSION = 2  # v2: chains take the engine's shortcut, depths 10 and 12
 CACHE_PATH = Path(os.environ.get("SPECVLM_CACHE", Path.home() / ".cache" / "specvlm_studio")) / "autotree.json"
 
 
@@ -119,7 +121,8 @@ def measure_costs(target, draft, example, sizes=(1, 2, 4, 8, 16, 32, 64), repeat
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            drafter.propose(root, engine.TreeSettings(top_k=k, depth=4, total_tokens=k))
+            # total 4k: enough nodes that top_k 1 is a chain of 4 levels too
+            drafter.propose(root, engine.TreeSettings(top_k=k, depth=4, total_tokens=4 * k))
             engine.sync_device(target.device)
             times.append((time.perf_counter() - t0) * 1000 / 4)
         draft_ms[k] = sorted(times[1:])[len(times[1:]) // 2]
@@ -141,7 +144,8 @@ def choose_tree(rounds: list[dict], costs: dict, overhead_ms: float = 0.5) -> tu
     table = []
     for k in GRID_TOP_K:
         for d in GRID_DEPTH:
-            for total in GRID_TOTAL:
+            # top_k 1 is a chain of d nodes (fewer nodes would be a shallower chain).
+            for total in ([d] if k == 1 else GRID_TOTAL):
                 if total > k * d or total < min(k, d):
                     continue
                 tau = sum(accepted_length(r, k, d, total) for r in rounds) / max(1, len(rounds))
@@ -158,7 +162,10 @@ def cache_key(target, draft) -> str:
     h = hashlib.sha1()
     for t in draft.state_dict().values():
         h.update(t.detach().float().cpu().numpy().tobytes()[:4096])
-    return f"{device}|{Path(target.name).name}|{h.hexdigest()[:12]}|threads={torch.get_num_threads()}"
+    # The version changes whenever the engine's costs or the grid change, so that choices
+    # measured by an older engine are measured again.
+    return (f"{device}|{Path(target.name).name}|{h.hexdigest()[:12]}|threads={torch.get_num_threads()}"
+            f"|v{AUTOTUNE_VERSION}")
 
 
 def auto_tree(target, draft, examples=None, use_cache: bool = True, progress=None) -> dict:

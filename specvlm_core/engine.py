@@ -325,7 +325,14 @@ class EagleDrafter:
 
     @torch.no_grad()
     def propose(self, root_token: int, tree: TreeSettings) -> DraftTree:
-        """Grow a dynamic tree of at most tree.total_tokens nodes below root_token.
+        """Grow a dynamic tree of at most tree.total_tokens nodes below root_token (a
+        chain when tree.top_k is 1)."""
+        if tree.top_k == 1:
+            return self._propose_chain(root_token, min(tree.depth, tree.total_tokens))
+        return self._propose_tree(root_token, tree)
+
+    def _propose_tree(self, root_token: int, tree: TreeSettings) -> DraftTree:
+        """The general EAGLE-2 expansion (any top_k).
 
         Level 1 comes from the draft's output at the root; each further level runs the
         draft once on the top_k frontier nodes (slots after the committed prefix, one
@@ -374,6 +381,34 @@ class EagleDrafter:
             n_cands += child_tokens.numel()
         return select_tree(root_token, torch.cat(cand_tokens).cpu(), torch.cat(cand_scores).cpu(),
                            torch.cat(cand_parents).cpu(), tree.total_tokens, torch.cat(cand_depths).cpu())
+
+
+    @torch.no_grad()
+    def _propose_chain(self, root_token: int, length: int) -> DraftTree:
+        """top_k == 1: the tree is a chain, the draft's greedy continuation of `length`
+        tokens. The general loop builds the same tree (select_tree keeps a chain's first
+        `total_tokens` nodes, in order), but its bookkeeping for visibility rows, parents
+        and candidate lists costs about half a draft step per level on a CPU; here a
+        level is the draft step, the lm_head and one max. Node l (1-based) sits in tree
+        slot base + l - 1 and sees the whole prefix and the nodes above it."""
+        device = self.last_output.device
+        base = self.length
+        # One allocation for every level's inputs: views of these are all a level needs.
+        visible = torch.ones(1, base + length, dtype=torch.bool, device=device)
+        positions = torch.arange(base, base + length, device=device)
+        score, token = self._logprobs(self.last_output[None])[0].max(-1)
+        tokens, scores = [token], [score]
+        feature = self.last_output[None]
+        for level in range(1, length):
+            feature = self.draft.step(self.embed(token.view(1)), feature, positions[level - 1:level],
+                                      positions[level - 1:level], visible[:, :base + level], self.cache)
+            logprob, token = self._logprobs(feature)[0].max(-1)
+            score = score + logprob
+            tokens.append(token)
+            scores.append(score)
+        return DraftTree(tokens=torch.cat([torch.tensor([root_token]), torch.stack(tokens).cpu()]),
+                         parents=torch.arange(-1, length), depths=torch.arange(length + 1),
+                         scores=torch.cat([torch.tensor([0.0]), torch.stack(scores).float().cpu()]))
 
 
 class PromptLookupDrafter:

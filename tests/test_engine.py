@@ -56,6 +56,25 @@ def test_greedy_speculative_equals_generate(family_target, media, tree, draft_se
         assert 1 <= len(event.new_tokens) <= tree[1] + 1
 
 
+@pytest.mark.parametrize("depth,total", [(6, 6), (8, 5), (3, 10), (1, 1)])
+def test_a_chain_is_proposed_as_the_general_tree_with_top_k_1_would_be(family_target, depth, total):
+    """top_k 1 takes a shortcut (EagleDrafter._propose_chain): same tokens, parents,
+    depths and scores as the general expansion, min(depth, total) nodes deep."""
+    target = family_target("qwen2_vl")
+    inputs = prepare_inputs(target, "Describe the image in detail.", image=testing.tiny_image((64, 64), 1))
+    logits, features, embeds = engine.TargetRunner(target).prefill(inputs)
+    root = int(logits.argmax())
+    drafter = engine.EagleDrafter(new_draft_for(target, seed=3), target)
+    drafter.start(features, embeds, root, visual_mask=engine.visual_mask(target, inputs))
+    settings = engine.TreeSettings(1, depth, total)
+    chain, general = drafter.propose(root, settings), drafter._propose_tree(root, settings)
+    assert len(chain) == 1 + min(depth, total)
+    assert chain.parents.tolist() == list(range(-1, min(depth, total)))
+    for name in ("tokens", "parents", "depths"):
+        assert getattr(chain, name).tolist() == getattr(general, name).tolist(), name
+    torch.testing.assert_close(chain.scores, general.scores)
+
+
 def test_a_draft_that_copies_the_target_is_accepted_fully(family_target):
     # With top_k 1 the tree is a chain; a random draft rarely matches, but accepted
     # length per round is still bounded and the text identical. Here we check the
