@@ -284,6 +284,7 @@ class EagleDrafter:
         self.force_option = force_option
         self.embed = target.model.get_input_embeddings()
         self.lm_head = target.model.get_output_embeddings()
+        self.stop_ids = set(target.eos_token_ids())
         self.length = 0
         self.cache = None  # this request's DraftCache
         self.last_output: torch.Tensor | None = None  # draft feature after the root [H]
@@ -386,11 +387,14 @@ class EagleDrafter:
     @torch.no_grad()
     def _propose_chain(self, root_token: int, length: int) -> DraftTree:
         """top_k == 1: the tree is a chain, the draft's greedy continuation of `length`
-        tokens. The general loop builds the same tree (select_tree keeps a chain's first
-        `total_tokens` nodes, in order), but its bookkeeping for visibility rows, parents
-        and candidate lists costs about half a draft step per level on a CPU; here a
-        level is the draft step, the lm_head and one max. Node l (1-based) sits in tree
-        slot base + l - 1 and sees the whole prefix and the nodes above it."""
+        tokens, or up to its first end-of-turn token: nothing after one is ever emitted,
+        so drafting and verifying more would only cost time in an answer's last round.
+        The general loop builds the same tree when no end-of-turn token is drafted
+        (select_tree keeps a chain's first `total_tokens` nodes, in order), but its
+        bookkeeping for visibility rows, parents and candidate lists costs about half a
+        draft step per level on a CPU; here a level is the draft step, the lm_head and
+        one max. Node l (1-based) sits in tree slot base + l - 1 and sees the whole
+        prefix and the nodes above it."""
         device = self.last_output.device
         base = self.length
         # One allocation for every level's inputs: views of these are all a level needs.
@@ -400,12 +404,15 @@ class EagleDrafter:
         tokens, scores = [token], [score]
         feature = self.last_output[None]
         for level in range(1, length):
+            if int(token) in self.stop_ids:
+                break
             feature = self.draft.step(self.embed(token.view(1)), feature, positions[level - 1:level],
                                       positions[level - 1:level], visible[:, :base + level], self.cache)
             logprob, token = self._logprobs(feature)[0].max(-1)
             score = score + logprob
             tokens.append(token)
             scores.append(score)
+        length = len(tokens)
         return DraftTree(tokens=torch.cat([torch.tensor([root_token]), torch.stack(tokens).cpu()]),
                          parents=torch.arange(-1, length), depths=torch.arange(length + 1),
                          scores=torch.cat([torch.tensor([0.0]), torch.stack(scores).float().cpu()]))

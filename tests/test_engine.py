@@ -75,6 +75,28 @@ def test_a_chain_is_proposed_as_the_general_tree_with_top_k_1_would_be(family_ta
     torch.testing.assert_close(chain.scores, general.scores)
 
 
+def test_a_chain_ends_at_an_end_of_turn_token(family_target):
+    """Nothing after an end-of-turn token is ever emitted: the chain stops there."""
+    target = family_target("qwen2_vl")
+    inputs = prepare_inputs(target, "Describe the image in detail.", image=testing.tiny_image((64, 64), 1))
+    logits, features, embeds = engine.TargetRunner(target).prefill(inputs)
+    root = int(logits.argmax())
+    drafter = engine.EagleDrafter(new_draft_for(target, seed=3), target)
+    drafter.start(features, embeds, root, visual_mask=engine.visual_mask(target, inputs))
+    eos = target.eos_token_ids()[0]
+    real_logprobs, calls = drafter._logprobs, []
+
+    def eos_third(features):  # the draft's third token is the end of the turn
+        out = real_logprobs(features).clone()
+        calls.append(1)
+        if len(calls) == 3:
+            out[:, eos] = 0.0
+        return out
+    drafter._logprobs = eos_third
+    chain = drafter.propose(root, engine.TreeSettings(1, 8, 8))
+    assert chain.tokens.tolist()[-1] == eos and len(chain) == 4 and len(calls) == 3
+
+
 def test_a_draft_that_copies_the_target_is_accepted_fully(family_target):
     # With top_k 1 the tree is a chain; a random draft rarely matches, but accepted
     # length per round is still bounded and the text identical. Here we check the
