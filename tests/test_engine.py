@@ -56,16 +56,22 @@ def test_greedy_speculative_equals_generate(family_target, media, tree, draft_se
         assert 1 <= len(event.new_tokens) <= tree[1] + 1
 
 
+def started_drafter(target, draft_seed: int = 3):
+    """A random-draft EagleDrafter after its prefill on an image prompt, and the root token."""
+    inputs = prepare_inputs(target, "Describe the image in detail.", image=testing.tiny_image((64, 64), 1))
+    logits, features, embeds = engine.TargetRunner(target).prefill(inputs)
+    root = int(logits.argmax())
+    drafter = engine.EagleDrafter(new_draft_for(target, seed=draft_seed), target)
+    drafter.start(features, embeds, root, visual_mask=engine.visual_mask(target, inputs))
+    return drafter, root
+
+
 @pytest.mark.parametrize("depth,total", [(6, 6), (8, 5), (3, 10), (1, 1)])
 def test_a_chain_is_proposed_as_the_general_tree_with_top_k_1_would_be(family_target, depth, total):
     """top_k 1 takes a shortcut (EagleDrafter._propose_chain): same tokens, parents,
     depths and scores as the general expansion, min(depth, total) nodes deep."""
     target = family_target("qwen2_vl")
-    inputs = prepare_inputs(target, "Describe the image in detail.", image=testing.tiny_image((64, 64), 1))
-    logits, features, embeds = engine.TargetRunner(target).prefill(inputs)
-    root = int(logits.argmax())
-    drafter = engine.EagleDrafter(new_draft_for(target, seed=3), target)
-    drafter.start(features, embeds, root, visual_mask=engine.visual_mask(target, inputs))
+    drafter, root = started_drafter(target)
     settings = engine.TreeSettings(1, depth, total)
     chain, general = drafter.propose(root, settings), drafter._propose_tree(root, settings)
     assert len(chain) == 1 + min(depth, total)
@@ -78,11 +84,7 @@ def test_a_chain_is_proposed_as_the_general_tree_with_top_k_1_would_be(family_ta
 def test_a_chain_ends_at_an_end_of_turn_token(family_target):
     """Nothing after an end-of-turn token is ever emitted: the chain stops there."""
     target = family_target("qwen2_vl")
-    inputs = prepare_inputs(target, "Describe the image in detail.", image=testing.tiny_image((64, 64), 1))
-    logits, features, embeds = engine.TargetRunner(target).prefill(inputs)
-    root = int(logits.argmax())
-    drafter = engine.EagleDrafter(new_draft_for(target, seed=3), target)
-    drafter.start(features, embeds, root, visual_mask=engine.visual_mask(target, inputs))
+    drafter, root = started_drafter(target)
     eos = target.eos_token_ids()[0]
     real_logprobs, calls = drafter._logprobs, []
 
