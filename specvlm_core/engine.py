@@ -332,8 +332,10 @@ class EagleDrafter:
             return self._propose_chain(root_token, min(tree.depth, tree.total_tokens))
         return self._propose_tree(root_token, tree)
 
+    @torch.no_grad()
     def _propose_tree(self, root_token: int, tree: TreeSettings) -> DraftTree:
-        """The general EAGLE-2 expansion (any top_k).
+        """The general EAGLE-2 expansion (any top_k; it does not stop at end-of-turn
+        tokens, see _propose_chain).
 
         Level 1 comes from the draft's output at the root; each further level runs the
         draft once on the top_k frontier nodes (slots after the committed prefix, one
@@ -382,7 +384,6 @@ class EagleDrafter:
             n_cands += child_tokens.numel()
         return select_tree(root_token, torch.cat(cand_tokens).cpu(), torch.cat(cand_scores).cpu(),
                            torch.cat(cand_parents).cpu(), tree.total_tokens, torch.cat(cand_depths).cpu())
-
 
     @torch.no_grad()
     def _propose_chain(self, root_token: int, length: int) -> DraftTree:
