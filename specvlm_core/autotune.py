@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import engine
+from .errors import ParameterError
 from .tree import children_lists
 
 GRID_TOP_K = (1, 2, 3, 4, 6, 8)
@@ -34,7 +35,7 @@ GRID_DEPTH = (2, 3, 4, 5, 6, 7, 8, 10, 12)
 GRID_TOTAL = (4, 8, 12, 16, 24, 32, 48, 64)
 # As deep as the deepest setting on the grid: a smaller tree is scored by restricting this one.
 CALIBRATION_TREE = engine.TreeSettings(top_k=8, depth=max(GRID_DEPTH), total_tokens=64)
-AUTOTUNE_VERSION = 2  # v2: chains take the engine's shortcut, depths 10 and 12
+AUTOTUNE_VERSION = 4  # v2: chains take the engine's shortcut, depths 10 and 12; v4: the leaner draft step
 CACHE_PATH = Path(os.environ.get("SPECVLM_CACHE", Path.home() / ".cache" / "specvlm_studio")) / "autotree.json"
 
 
@@ -178,7 +179,7 @@ def auto_tree(target, draft, examples=None, use_cache: bool = True, progress=Non
             cache = json.loads(CACHE_PATH.read_text())
         except ValueError:
             cache = {}
-        if key in cache:
+        if _usable(cache.get(key)):
             return cache[key]
     if examples is None:
         from .distill import held_out_examples
@@ -207,6 +208,16 @@ def auto_tree(target, draft, examples=None, use_cache: bool = True, progress=Non
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
     return result
+
+
+def _usable(entry) -> bool:
+    """A cached choice this engine can run (an entry written by another version, or
+    edited by hand, is measured again rather than failing)."""
+    try:
+        engine.TreeSettings(**entry["tree"]).validate()
+    except (TypeError, KeyError, ParameterError):
+        return False
+    return True
 
 
 def engine_seed() -> int:

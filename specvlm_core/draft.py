@@ -86,6 +86,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def _unit_rms(x: torch.Tensor, min_norm: float) -> torch.Tensor:
+    """x / max(||x||, min_norm) over the last dim: an RMS norm up to its sqrt(dim) and
+    its scale, which the inference path folds into the next projection. With min_norm
+    = sqrt(dim * eps) it differs from x / sqrt(sum(x^2) + dim * eps) only for rows
+    of norm near min_norm, and it is 2 ops instead of 5 (a third of a step's norms)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(min_norm)
+
+
+@dataclass(frozen=True)
+class InferenceWeights:
+    """EagleDraft.step's weights (see EagleDraft.inference_weights): fuse [H, 2H],
+    qkv [(2 (heads + kv_heads) + kv_heads) * head_dim, H], o_t [heads * head_dim, H],
+    gate_up [2 I, H], down_t [I, H]; min_norm = sqrt(rms_norm_eps * H) for _unit_rms."""
+    min_norm: float
+    fuse: torch.Tensor
+    qkv: torch.Tensor
+    o_t: torch.Tensor
+    gate_up: torch.Tensor
+    down_t: torch.Tensor
+
+
 class DraftCache:
     """A request's preallocated draft KV cache [kv_heads, length, head_dim], written by
     slot. It belongs to the request (the drafter), not to the shared draft weights, so
@@ -172,14 +193,16 @@ class EagleDraft(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
 
     # ----------------------------------------------------------------- inference path
-    def _rotary_cache(self, length: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables for positions [0, length), computed once and grown by doubling:
-        recomputing them every tree step is a measurable share of a CPU round."""
+    def _rotary_table(self, length: int, dtype, device) -> torch.Tensor:
+        """[N >= length, 2, head_dim]: cos and sin for positions [0, N), computed once and
+        grown by doubling (one gather per step reads both). A pure function of the
+        config, so safe to share across requests."""
         table = getattr(self, "_rotary", None)
-        if table is None or table[0].shape[0] < length or table[0].dtype != dtype or table[0].device != device:
-            n = max(length, 2 * (table[0].shape[0] if table is not None else 1024))
-            table = rotary_tables(torch.arange(n, device=device), self.config.head_dim, self.config.rope_theta, dtype)
-            self._rotary = table  # a pure function of the config: safe to share across requests
+        if table is None or table.shape[0] < length or table.dtype != dtype or table.device != device:
+            n = max(length, 2 * (table.shape[0] if table is not None else 1024))
+            cos, sin = rotary_tables(torch.arange(n, device=device), self.config.head_dim, self.config.rope_theta,
+                                     dtype)
+            table = self._rotary = torch.stack([cos, sin], dim=1)
         return table
 
     def new_cache(self, length: int = 1024) -> "DraftCache":
@@ -188,46 +211,86 @@ class EagleDraft(nn.Module):
 
     @torch.no_grad()
     def step(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-             slots: torch.Tensor, visible: torch.Tensor, cache: "DraftCache") -> torch.Tensor:
-        """Run n new inputs against a request's cache.
+             slots: torch.Tensor, visible: torch.Tensor | int, cache: "DraftCache",
+             weights: "InferenceWeights | None" = None) -> torch.Tensor:
+        """Run n new inputs against a request's cache; the same function as forward().
 
         embeds, features: [n, H]; positions: [n] rotary positions; slots: [n] cache slots
         to write; visible: [n, L] bool, which cache slots (after writing) each input
-        attends to. Returns the output features [n, H].
+        attends to, or an int L when every input sees all of slots [0, L) (a chain's
+        next level: no mask to build or apply); weights: inference_weights(), fetched
+        once by callers that step in a loop (checking that they are current costs as
+        much as a tenth of a step). Returns the output features [n, H].
+
+        At batch 1 on a CPU a draft step costs mostly the number of ops, not their size
+        (one decoder layer at the target's width), so the weights are pre-arranged
+        (`inference_weights`) to make it ~20 ops: norm scales folded into the next
+        projection, q, k, their rotate-halves and v in one matmul, the attention
+        written out with the kv-head grouping as a batch dimension, residuals as addmm.
         """
         cfg = self.config
         n = embeds.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        qkv_weight, gate_up_weight = self._fused_weights()
-        x = self.fuse(torch.cat([self.norm_embed(embeds), self.norm_feature(features)], dim=-1))
-        cos_table, sin_table = self._rotary_cache(int(positions.max()) + 1, x.dtype, x.device)
-        cos, sin = cos_table[positions], sin_table[positions]
-        # One matmul for q, k and v, and one rotary pass over q and k together: at batch
-        # 1 on a CPU the draft's cost is mostly the number of ops, not their size.
-        qkv = F.linear(self.attn_norm(x), qkv_weight).view(n, nh + 2 * nkv, hd).transpose(0, 1)
-        qk = apply_rotary(qkv[:nh + nkv], cos, sin)
-        q, k, v = qk[:nh], qk[nh:], qkv[nh + nkv:]
-        cache.ensure_capacity(visible.shape[1])
-        cache.k[:, slots] = k
-        cache.v[:, slots] = v
-        length = visible.shape[1]
-        # Grouped-query attention without copying the cache for every query head.
-        attn = F.scaled_dot_product_attention(q, cache.k[:, :length], cache.v[:, :length], attn_mask=visible[None],
-                                              enable_gqa=nh != nkv)
-        x = x + self.o_proj(attn.transpose(0, 1).reshape(n, nh * hd))
-        gate, up = F.linear(self.mlp_norm(x), gate_up_weight).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        qk_rows = nh + nkv
+        w = weights or self.inference_weights()
+        length = visible if isinstance(visible, int) else visible.shape[1]
+        cache.ensure_capacity(length)
+        # Both input norms in one pass: [embed ; feature] seen as two rows of H.
+        x = F.linear(_unit_rms(torch.cat([embeds, features], dim=-1).view(n, 2, -1), w.min_norm).view(n, -1), w.fuse)
+        cos_sin = self._rotary_table(cache.k.shape[1], x.dtype, x.device)[positions]  # [n, 2, hd]
+        proj = F.linear(_unit_rms(x, w.min_norm), w.qkv).view(n, -1, hd).transpose(0, 1)
+        # Rotary: x * cos + rotate_half(x) * sin, with rotate_half(x) already projected.
+        qk = torch.addcmul(proj[:qk_rows] * cos_sin[:, 0], proj[qk_rows:2 * qk_rows], cos_sin[:, 1])
+        cache.k[:, slots] = qk[nh:]
+        cache.v[:, slots] = proj[2 * qk_rows:]
+        # Grouped-query attention: query head h uses kv head h // groups, so the queries
+        # of one kv head are adjacent rows. The 1/sqrt(head_dim) is in w.qkv.
+        groups = nh // nkv
+        scores = torch.bmm(qk[:nh].reshape(nkv, groups * n, hd), cache.k[:, :length].transpose(1, 2))
+        if not isinstance(visible, int):
+            scores = scores.view(nkv, groups, n, length).masked_fill_(~visible, float("-inf")).view(nkv, -1, length)
+        attn = torch.bmm(scores.softmax(-1), cache.v[:, :length]).view(nh, n, hd).transpose(0, 1).reshape(n, -1)
+        x = torch.addmm(x, attn, w.o_t)
+        gate, up = F.linear(_unit_rms(x, w.min_norm), w.gate_up).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate) * up, w.down_t)
 
-    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[q; k; v] and [gate; up] weights concatenated for the inference path, rebuilt
-        whenever a weight changes (the distillation trainer measures tau mid-training)."""
-        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
-                 self.up_proj.weight)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
-        if getattr(self, "_fused_key", None) != key:
-            self._fused = (torch.cat(parts[:3]).detach(), torch.cat(parts[3:]).detach())
-            self._fused_key = key
-        return self._fused
+    def inference_weights(self) -> "InferenceWeights":
+        """The inference path's weights, rebuilt whenever a weight changes (the
+        distillation trainer measures tau mid-training).
+
+        rms_norm(x) * g then W is (x / rms) (W * g): each norm's scale g, and the
+        sqrt(H) that turns _unit_rms into an RMS norm, go into the next projection's
+        columns. rotate_half(W x) = W' x with W' the rows of each head of W rotated, so
+        the rotate-halves of q and k come out of the same matmul as q, k and v. The
+        cost is memory: a second copy of the layer's weights but o_proj and down_proj
+        (read through transposed views), plus q and k once more (rotated)."""
+        params = tuple(self.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if getattr(self, "_inference_key", None) == key:
+            return self._inference
+        cfg = self.config
+        h, hd = cfg.hidden_size, cfg.head_dim
+        root_h = h ** 0.5
+
+        def rotate_half_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+            per_head = weight.view(heads, hd, -1)
+            return torch.cat([-per_head[:, hd // 2:], per_head[:, :hd // 2]], dim=1).reshape(heads * hd, -1)
+
+        with torch.no_grad():
+            q = self.q_proj.weight * hd ** -0.5
+            k, v = self.k_proj.weight, self.v_proj.weight
+            qkv = torch.cat([q, k, rotate_half_rows(q, cfg.num_heads), rotate_half_rows(k, cfg.num_kv_heads), v])
+            fuse_scale = torch.cat([self.norm_embed.weight, self.norm_feature.weight]) * root_h
+            gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            self._inference = InferenceWeights(
+                min_norm=(h * cfg.rms_norm_eps) ** 0.5,
+                fuse=(self.fuse.weight * fuse_scale).contiguous(),
+                qkv=(qkv * (self.attn_norm.weight * root_h)).contiguous(),
+                o_t=self.o_proj.weight.detach().t(),  # views: addmm reads either layout
+                gate_up=(gate_up * (self.mlp_norm.weight * root_h)).contiguous(),
+                down_t=self.down_proj.weight.detach().t())
+        self._inference_key = key
+        return self._inference
 
     # ------------------------------------------------------------------- persistence
     def save_pretrained(self, out_dir: str | Path) -> None:

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from specvlm_core.engine import accept_greedy, accept_sampling, compact_kv, logits_to_probs
+from specvlm_core.engine import accept_greedy, accept_sampling, compact_cache, compact_kv, logits_to_probs
 from specvlm_core.tree import children_lists
 
 V = 5
@@ -132,6 +132,23 @@ def test_compact_kv_moves_accepted_entries_after_context():
     kv = torch.tensor([0.0, 1, 2, 10, 11, 12]).view(1, 1, 6, 1)
     out = compact_kv(kv, 3, torch.tensor([0, 2]))
     assert out.flatten().tolist() == [0, 1, 2, 10, 12]
+
+
+@pytest.mark.parametrize("keep,expected", [([0, 2], [0, 1, 2, 10, 12]), ([0, 1], [0, 1, 2, 10, 11]),
+                                           ([], [0, 1, 2]), ([1], [0, 1, 2, 11])])
+def test_compact_cache_keeps_the_context_then_the_accepted_entries(keep, expected):
+    """Both ways through compact_cache (a prefix of the tree is cut, not copied) leave
+    every layer's keys and values as compact_kv would."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    kv = torch.tensor([0.0, 1, 2, 10, 11, 12]).view(1, 1, 6, 1)
+    for layer in range(2):
+        cache.update(kv + 100 * layer, -kv, layer)
+    compact_cache(cache, 3, keep)
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys.flatten().tolist() == [v + 100 * i for v in expected]
+        assert layer.values.flatten().tolist() == [-v for v in expected]
+    assert cache.get_seq_length() == len(expected)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])

@@ -32,3 +32,14 @@ def test_choose_tree_prices_chains_by_their_depth():
     assert all(r["total_tokens"] == r["depth"] for r in table if r["top_k"] == 1)
     assert table[0]["tokens_per_s"] == max(r["tokens_per_s"] for r in table)
     assert (best.top_k, best.depth, best.total_tokens) == tuple(table[0][k] for k in ("top_k", "depth", "total_tokens"))
+
+
+@pytest.mark.parametrize("entry,usable", [
+    ({"tree": {"top_k": 1, "depth": 10, "total_tokens": 10}}, True),
+    ({"tree": {"top_k": 1, "depth": 12, "total_tokens": 12, "min_prob": 0.5}}, False),  # a field this engine lacks
+    ({"tree": {"top_k": 0, "depth": 10, "total_tokens": 10}}, False),  # out of range
+    ({"why": "no tree"}, False),
+    (None, False),
+])
+def test_a_cached_choice_is_used_only_if_this_engine_can_run_it(entry, usable):
+    assert autotune._usable(entry) is usable
