@@ -418,7 +418,7 @@ class EagleDrafter:
         (select_tree keeps a chain's first `total_tokens` nodes, in order), but its
         bookkeeping for visibility rows, parents and candidate lists costs about half a
         draft step per level on a CPU; here a level is the draft step, the lm_head and
-        one max. Node l (1-based) sits in tree slot base + l - 1 and sees the whole
+        one argmax. Node l (1-based) sits in tree slot base + l - 1 and sees the whole
         prefix and the nodes above it."""
         device = self.last_output.device
         base = self.length
@@ -426,22 +426,23 @@ class EagleDrafter:
         # (level l sees every slot before base + l: no mask).
         positions = torch.arange(base, base + length, device=device)
         weights = self.draft.inference_weights()
-        score, token = self._logprobs(self.last_output[None])[0].max(-1)
-        tokens, scores = [token], [score]
         feature = self.last_output[None]
+        # A level needs only the argmax; the path's log-probs are taken once at the end.
+        logits = [self.lm_head(feature)]
+        tokens = [logits[0][0].argmax()]
         for level in range(1, length):
-            if int(token) in self.stop_ids:
+            if int(tokens[-1]) in self.stop_ids:
                 break
-            feature = self.draft.step(self.embed(token.view(1)), feature, positions[level - 1:level],
+            feature = self.draft.step(self.embed(tokens[-1].view(1)), feature, positions[level - 1:level],
                                       positions[level - 1:level], base + level, self.cache, weights)
-            logprob, token = self._logprobs(feature)[0].max(-1)
-            score = score + logprob
-            tokens.append(token)
-            scores.append(score)
+            logits.append(self.lm_head(feature))
+            tokens.append(logits[-1][0].argmax())
+        chain = torch.stack(tokens)
+        logprobs = torch.cat(logits).float().log_softmax(-1).gather(1, chain[:, None])[:, 0]
         length = len(tokens)
-        return DraftTree(tokens=torch.cat([torch.tensor([root_token]), torch.stack(tokens).cpu()]),
+        return DraftTree(tokens=torch.cat([torch.tensor([root_token]), chain.cpu()]),
                          parents=torch.arange(-1, length), depths=torch.arange(length + 1),
-                         scores=torch.cat([torch.tensor([0.0]), torch.stack(scores).float().cpu()]))
+                         scores=torch.cat([torch.tensor([0.0]), logprobs.cumsum(0).cpu()]))
 
 
 class PromptLookupDrafter:

@@ -86,15 +86,15 @@ def test_a_chain_ends_at_an_end_of_turn_token(family_target):
     target = family_target("qwen2_vl")
     drafter, root = started_drafter(target)
     eos = target.eos_token_ids()[0]
-    real_logprobs, calls = drafter._logprobs, []
+    real_lm_head, calls = drafter.lm_head, []
 
     def eos_third(features):  # the draft's third token is the end of the turn
-        out = real_logprobs(features).clone()
+        out = real_lm_head(features).clone()
         calls.append(1)
         if len(calls) == 3:
-            out[:, eos] = 0.0
+            out[:, eos] = out.max() + 10.0
         return out
-    drafter._logprobs = eos_third
+    drafter.lm_head = eos_third
     chain = drafter.propose(root, engine.TreeSettings(1, 8, 8))
     assert chain.tokens.tolist()[-1] == eos and len(chain) == 4 and len(calls) == 3
 
