@@ -67,7 +67,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel: on a CPU the draft's cost is mostly per-op overhead.
+        # The training path's norm (step() folds the scale into the next projection).
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
