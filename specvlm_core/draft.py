@@ -79,11 +79,15 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rotate_half(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """[a, b] -> [-b, a] along dim (the rotate-half convention's partner of each entry)."""
+    first, second = x.chunk(2, dim=dim)
+    return torch.cat([-second, first], dim=dim)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [heads, n, head_dim]; cos/sin [n, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _unit_rms(x: torch.Tensor, min_norm: float) -> torch.Tensor:
@@ -273,8 +277,7 @@ class EagleDraft(nn.Module):
         root_h = h ** 0.5
 
         def rotate_half_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-            per_head = weight.view(heads, hd, -1)
-            return torch.cat([-per_head[:, hd // 2:], per_head[:, :hd // 2]], dim=1).reshape(heads * hd, -1)
+            return rotate_half(weight.view(heads, hd, -1), dim=1).reshape(heads * hd, -1)
 
         with torch.no_grad():
             q = self.q_proj.weight * hd ** -0.5
